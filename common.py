@@ -1,0 +1,268 @@
+"""The shared core of the four distillation scripts: schedule, DDIM, target inversion,
+the denoiser protocol, Alg. 1's loss, and the plumbing every training loop needs.
+
+Formulas: ../shared/METHODS.md section 0 (variance-preserving, continuous time t in [0, 1]).
+
+Notation (names in the code follow the papers' symbols):
+
+| code            | math                            | meaning                                            |
+|-----------------|---------------------------------|----------------------------------------------------|
+| `x`             | x                               | clean data (images in [-1, 1], toy points in R^2)  |
+| `t`, `s`        | t, s                            | times in [0, 1], s < t; t = 1 is pure noise        |
+| `alpha_t`       | alpha_t = cos(pi t / 2)         | signal scale; exactly 0 at t = 1                   |
+| `sigma_t`       | sigma_t = sin(pi t / 2)         | noise scale; exactly 0 at t = 0                    |
+| `logsnr(t)`     | lambda_t = log(alpha^2/sigma^2) | log signal-to-noise ratio (clipped to [-20, 20])   |
+| `eps`           | eps ~ N(0, I)                   | Gaussian noise                                     |
+| `z_t`           | z_t = alpha_t x + sigma_t eps   | noisy latent                                       |
+| `v`             | v = alpha_t eps - sigma_t x     | what the networks predict                          |
+| `x_hat`         | x_hat(z_t)                      | a denoiser's estimate of x (every method's currency)|
+| `x_tilde`       | x_tilde                         | the inverted target of progressive distillation    |
+| `w`             | w                               | guidance weight, (1 + w) cond - w uncond           |
+| `labels`        | c                               | class labels; `null label` = num_classes           |
+
+The denoiser protocol: anything called as `denoiser(z_t, t, labels) -> x_hat`, with `t` a
+tensor of shape (B,) and `labels` (B,) ints, is a denoiser. Networks predict v;
+`Denoiser` wraps a network and turns v_hat into x_hat. The closed-form Gaussian-mixture
+denoiser in `data.py` follows the same protocol, so tests can use it as a perfect teacher.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+# Re-exported so that notebooks and coursework find everything shared under `common`.
+from networks import MLPDenoiserNet, UNet, build_network  # noqa: F401
+from training import (EMA, UserError, check_compatible, load_checkpoint, pick_device,  # noqa: F401
+                      rng_state, run_cli, save_checkpoint, save_image_grid, save_scatter,
+                      seed_everything, set_rng_state, write_json)
+
+LOGSNR_CLIP = 20.0
+
+
+# ----------------------------------------------------------------------------------------
+# Schedule and parameterisations (METHODS.md section 0). Schedule math stays in fp32.
+# ----------------------------------------------------------------------------------------
+
+
+def _as_time(t, like: torch.Tensor | None = None) -> torch.Tensor:
+    """A float or tensor time -> fp32 tensor (on `like`'s device when given)."""
+    device = like.device if like is not None else None
+    return torch.as_tensor(t, dtype=torch.float32, device=device)
+
+
+def alpha_sigma(t) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine schedule: alpha_t = cos(pi t / 2), sigma_t = sin(pi t / 2).
+
+    alpha is clamped at 0 so that alpha_1 is exactly 0 (fp32 cos(pi/2) is -4e-8).
+    """
+    t = _as_time(t)
+    alpha_t = torch.cos(0.5 * math.pi * t).clamp(min=0.0)
+    sigma_t = torch.sin(0.5 * math.pi * t)
+    return alpha_t, sigma_t
+
+
+def logsnr(t, clip: float = LOGSNR_CLIP) -> torch.Tensor:
+    """lambda_t = log(alpha_t^2 / sigma_t^2), clipped to [-clip, clip] like the official code."""
+    alpha_t, sigma_t = alpha_sigma(t)
+    lam = 2.0 * (torch.log(alpha_t) - torch.log(sigma_t))
+    return lam.clamp(-clip, clip)
+
+
+def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-example quantity (B,) or a scalar to broadcast against x (B, ...)."""
+    t = t.to(device=x.device, dtype=torch.float32)
+    if t.dim() == 0:
+        return t
+    return t.reshape(t.shape[0], *([1] * (x.dim() - 1)))
+
+
+def _coeffs(t, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    alpha_t, sigma_t = alpha_sigma(_as_time(t, x))
+    return bcast(alpha_t, x), bcast(sigma_t, x)
+
+
+def diffuse(x: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
+    """z_t = alpha_t x + sigma_t eps."""
+    alpha_t, sigma_t = _coeffs(t, x)
+    return alpha_t * x + sigma_t * eps
+
+
+def v_from_x_eps(x: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+    """v = alpha_t eps - sigma_t x."""
+    alpha_t, sigma_t = _coeffs(t, x)
+    return alpha_t * eps - sigma_t * x
+
+
+def x_from_v(z_t: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
+    """x_hat = alpha_t z_t - sigma_t v_hat (well defined for every t, also alpha_t = 0)."""
+    alpha_t, sigma_t = _coeffs(t, z_t)
+    return alpha_t * z_t - sigma_t * v
+
+
+def eps_from_v(z_t: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
+    """eps_hat = sigma_t z_t + alpha_t v_hat."""
+    alpha_t, sigma_t = _coeffs(t, z_t)
+    return sigma_t * z_t + alpha_t * v
+
+
+def eps_from_x(z_t: torch.Tensor, x_hat: torch.Tensor, t) -> torch.Tensor:
+    """eps_hat = (z_t - alpha_t x_hat) / sigma_t: undefined at t = 0 (sigma_0 = 0)."""
+    alpha_t, sigma_t = _coeffs(t, z_t)
+    return (z_t - alpha_t * x_hat) / sigma_t
+
+
+def x_from_eps(z_t: torch.Tensor, eps_hat: torch.Tensor, t) -> torch.Tensor:
+    """x_hat = (z_t - sigma_t eps_hat) / alpha_t: blows up at t = 1 (alpha_1 = 0).
+
+    This is why eps-prediction cannot start a few-step sampler (PD paper, Sec. 4).
+    """
+    alpha_t, sigma_t = _coeffs(t, z_t)
+    return (z_t - sigma_t * eps_hat) / alpha_t
+
+
+def v_from_x(z_t: torch.Tensor, x_hat: torch.Tensor, t) -> torch.Tensor:
+    """v_hat = (alpha_t z_t - x_hat) / sigma_t (inverse of `x_from_v`; undefined at t = 0)."""
+    alpha_t, sigma_t = _coeffs(t, z_t)
+    return (alpha_t * z_t - x_hat) / sigma_t
+
+
+# ----------------------------------------------------------------------------------------
+# DDIM, its inversion, guidance
+# ----------------------------------------------------------------------------------------
+
+
+def ddim_step(x_hat: torch.Tensor, z_t: torch.Tensor, t, s) -> torch.Tensor:
+    """One deterministic DDIM step from t to s < t (Song et al. 2021):
+
+        z_s = alpha_s x_hat + sigma_s (z_t - alpha_t x_hat) / sigma_t
+
+    At s = 0 this returns x_hat exactly (alpha_0 = 1, sigma_0 = 0).
+    """
+    alpha_t, sigma_t = _coeffs(t, z_t)
+    alpha_s, sigma_s = _coeffs(s, z_t)
+    eps_hat = (z_t - alpha_t * x_hat) / sigma_t
+    return alpha_s * x_hat + sigma_s * eps_hat
+
+
+def invert_ddim(z_t: torch.Tensor, z_s: torch.Tensor, t, s) -> torch.Tensor:
+    """Target inversion (PD Appendix G): the x_tilde whose single DDIM step from z_t lands on z_s.
+
+        x_tilde = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - (sigma_s / sigma_t) alpha_t)
+
+    The denominator is sin(pi (t - s) / 2) / sigma_t > 0 for t > s. At s = 0, x_tilde = z_0.
+    """
+    alpha_t, sigma_t = _coeffs(t, z_t)
+    alpha_s, sigma_s = _coeffs(s, z_t)
+    ratio = sigma_s / sigma_t
+    return (z_s - ratio * z_t) / (alpha_s - ratio * alpha_t)
+
+
+def cfg(x_cond: torch.Tensor, x_uncond: torch.Tensor, w) -> torch.Tensor:
+    """Classifier-free guidance in x-space (Meng et al.'s convention):
+
+        x_hat^w = (1 + w) x_hat(z_t, c) - w x_hat(z_t, null)        (w = 0: the conditional model)
+    """
+    w = bcast(_as_time(w, x_cond), x_cond)
+    return (1.0 + w) * x_cond - w * x_uncond
+
+
+def guided(denoiser, w: float, null_label: int):
+    """A denoiser that applies classifier-free guidance with weight w (two network calls)."""
+
+    def guided_denoiser(z_t, t, labels):
+        x_cond = denoiser(z_t, t, labels)
+        x_uncond = denoiser(z_t, t, torch.full_like(labels, null_label))
+        return cfg(x_cond, x_uncond, w)
+
+    return guided_denoiser
+
+
+class Denoiser(nn.Module):
+    """Wraps a v-predicting network into the denoiser protocol: forward returns x_hat.
+
+    `predict_v` exposes the raw network output for Alg. 1's v-MSE.
+    `w` is passed through to networks with a guidance-weight embedding (guided distillation).
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.num_classes = net.num_classes
+        self.null_label = net.num_classes
+
+    def predict_v(self, z_t, t, labels, w=None):
+        return self.net(z_t, _as_time(t, z_t).expand(z_t.shape[0]), labels, w)
+
+    def forward(self, z_t, t, labels, w=None):
+        t = _as_time(t, z_t).expand(z_t.shape[0])
+        v_hat = self.predict_v(z_t, t, labels, w).float()
+        return x_from_v(z_t, v_hat, t)  # x_hat = alpha_t z_t - sigma_t v_hat
+
+
+def time_grid(steps: int) -> list[float]:
+    """The N-step DDIM grid from t = 1 down to t = 0: [1, (N-1)/N, ..., 0]."""
+    return [i / steps for i in range(steps, -1, -1)]
+
+
+@torch.no_grad()
+def ddim_sample(denoiser, z: torch.Tensor, steps: int, labels: torch.Tensor,
+                return_trajectory: bool = False, progress: bool = False):
+    """N-step deterministic DDIM from z = z_1 ~ N(0, I); returns the final x_hat.
+
+    With `return_trajectory`, also returns the list [z_1, z_{(N-1)/N}, ..., z_0].
+    """
+    assert z.shape[0] == labels.shape[0], "one label per sample"
+    grid = time_grid(steps)
+    trajectory = [z]
+    pairs = list(zip(grid[:-1], grid[1:]))
+    for t, s in tqdm(pairs, desc=f"DDIM {steps}", leave=False, disable=not progress):
+        t_vec = torch.full((z.shape[0],), t, device=z.device)
+        x_hat = denoiser(z, t_vec, labels)
+        z = ddim_step(x_hat, z, t, s)  # at s = 0 this is x_hat
+        trajectory.append(z)
+    return (z, trajectory) if return_trajectory else z
+
+
+# ----------------------------------------------------------------------------------------
+# Alg. 1 (PD paper): the standard diffusion loss
+# ----------------------------------------------------------------------------------------
+
+
+def drop_labels(labels: torch.Tensor, p: float, null_label: int) -> torch.Tensor:
+    """Classifier-free guidance training: replace each label by the null label w.p. p."""
+    drop = torch.rand(labels.shape, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
+def diffusion_loss(denoiser: Denoiser, x: torch.Tensor, labels: torch.Tensor,
+                   t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
+                   reduce: bool = True) -> torch.Tensor:
+    """Alg. 1 of the PD paper: t ~ U[0, 1], z_t = alpha_t x + sigma_t eps, || v_hat - v ||^2.
+
+    (v-MSE equals x-MSE weighted by SNR + 1.) Returns the mean, or with `reduce=False`
+    the per-example loss (B,), which the loops use to log losses by t bucket.
+    """
+    if t is None:
+        t = torch.rand(x.shape[0], device=x.device)
+    if eps is None:
+        eps = torch.randn_like(x)
+    z_t = diffuse(x, t, eps)
+    v = v_from_x_eps(x, eps, t)  # v = alpha_t eps - sigma_t x
+    v_hat = denoiser.predict_v(z_t, t, labels).float()
+    per_example = (v_hat - v).pow(2).flatten(1).mean(1)  # (B,)
+    return per_example.mean() if reduce else per_example
+
+
+def loss_by_t_bucket(per_example: torch.Tensor, t: torch.Tensor, buckets: int = 4) -> dict:
+    """Mean per-example loss in `buckets` equal bins of t: {'t<0.25': ..., ...}."""
+    out = {}
+    idx = (t.detach() * buckets).long().clamp(max=buckets - 1)
+    for b in range(buckets):
+        mask = idx == b
+        if mask.any():
+            out[f"t{b / buckets:.2f}-{(b + 1) / buckets:.2f}"] = per_example.detach()[mask].mean().item()
+    return out

@@ -1,0 +1,232 @@
+"""Data: the 2-D toy sets (with the exact denoiser of the Gaussian mixture), Fashion-MNIST
+and CIFAR-10, and a resumable batch stream that every training loop draws from.
+
+`gaussians8` is defined exactly so that anyone can evaluate samples against it: 8 equally
+weighted isotropic Gaussians, standard deviation 0.08, centres at radius 1 at angles
+2 pi k / 8, label k.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import UserError, alpha_sigma, bcast
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+OFFLINE_HINT = ("offline alternatives: --preset toy (2-D data, no files needed), or --preset fmnist "
+                "with Debian's package dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+
+
+# ----------------------------------------------------------------------------------------
+# Toy data
+# ----------------------------------------------------------------------------------------
+
+
+class GaussianMixture:
+    """Equally weighted isotropic Gaussians in R^d; label k = component k.
+
+    Its exact denoiser E[x | z_t, c] is a closed form, so it serves as a perfect teacher.
+    """
+
+    def __init__(self, means: torch.Tensor, std: float):
+        self.means = means.float()  # (K, d)
+        self.std = float(std)
+        self.num_classes = means.shape[0]
+
+    def sample(self, n: int, generator: torch.Generator | None = None, labels=None):
+        """n points and their component labels."""
+        if labels is None:
+            labels = torch.randint(self.num_classes, (n,), generator=generator)
+        noise = torch.randn(n, self.means.shape[1], generator=generator)
+        return self.means[labels] + self.std * noise, labels
+
+    def denoiser(self, z_t: torch.Tensor, t, labels: torch.Tensor) -> torch.Tensor:
+        """E[x | z_t, c] for z_t = alpha_t x + sigma_t eps; labels == K (null) means unconditional.
+
+        Given component k, z_t ~ N(alpha_t m_k, (alpha_t^2 s^2 + sigma_t^2) I) and
+        E[x | z_t, k] = m_k + alpha_t s^2 / (alpha_t^2 s^2 + sigma_t^2) (z_t - alpha_t m_k).
+        Unconditionally the component posteriors p(k | z_t) weight these means.
+        """
+        means = self.means.to(z_t.device)
+        alpha_t, sigma_t = alpha_sigma(torch.as_tensor(t, dtype=torch.float32, device=z_t.device))
+        alpha_t, sigma_t = bcast(alpha_t.expand(z_t.shape[0]), z_t), bcast(sigma_t.expand(z_t.shape[0]), z_t)
+        var = alpha_t**2 * self.std**2 + sigma_t**2  # (B, 1)
+        diff = z_t[:, None, :] - alpha_t[:, None] * means[None]  # (B, K, d)
+        logits = -0.5 * diff.pow(2).sum(-1) / var  # (B, K)
+        known = labels < self.num_classes
+        onehot = torch.nn.functional.one_hot(labels.clamp(max=self.num_classes - 1), self.num_classes).bool()
+        logits = torch.where(known[:, None] & ~onehot, torch.full_like(logits, -math.inf), logits)
+        post = torch.softmax(logits, dim=1)  # p(k | z_t, c), (B, K)
+        x_k = means[None] + (alpha_t * self.std**2 / var)[:, None] * diff  # (B, K, d)
+        return (post[..., None] * x_k).sum(1)  # (B, d)
+
+
+def gaussians8() -> GaussianMixture:
+    angles = 2 * math.pi * torch.arange(8) / 8
+    return GaussianMixture(torch.stack([torch.cos(angles), torch.sin(angles)], dim=1), std=0.08)
+
+
+class TwoMoons:
+    """Two interleaved half circles with Gaussian jitter (no separated modes); label = moon."""
+
+    num_classes = 2
+
+    def __init__(self, noise: float = 0.05):
+        self.noise = noise
+
+    def sample(self, n: int, generator: torch.Generator | None = None, labels=None):
+        if labels is None:
+            labels = torch.randint(2, (n,), generator=generator)
+        u = math.pi * torch.rand(n, generator=generator)
+        upper = torch.stack([torch.cos(u), torch.sin(u)], 1)
+        lower = torch.stack([1 - torch.cos(u), 0.5 - torch.sin(u)], 1)
+        x = torch.where(labels[:, None] == 0, upper, lower) - torch.tensor([0.5, 0.25])
+        x = x / 1.2 + self.noise * torch.randn(n, 2, generator=generator)
+        return x, labels
+
+
+TOY_DATASETS = {"gaussians8": gaussians8, "moons": TwoMoons}
+
+
+def toy_dataset(name: str):
+    if name not in TOY_DATASETS:
+        raise UserError(f"unknown toy data set {name!r}; choose one of {', '.join(TOY_DATASETS)}")
+    return TOY_DATASETS[name]()
+
+
+# ----------------------------------------------------------------------------------------
+# Images: uint8 tensors (N, C, 32, 32) and int64 labels, held in memory
+# ----------------------------------------------------------------------------------------
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """The MNIST 'idx' format (optionally gzipped): big-endian dims after a 4-byte magic."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        for sub in ("", "FashionMNIST/raw"):
+            if (folder / sub / name).is_file():
+                return folder / sub / name
+    return None
+
+
+def load_fashion_mnist(data_dir: str | None, train: bool = True, download: bool = True):
+    """Fashion-MNIST padded to 32x32: (N, 1, 32, 32) uint8 and (N,) labels.
+
+    Looked for at `data_dir`, then Debian's /usr/share/datasets/fashion-mnist, then
+    downloaded by torchvision into `data_dir`.
+    """
+    prefix = "train" if train else "t10k"
+    folders = [Path(data_dir)] if data_dir else []
+    folders.append(DEBIAN_FASHION_MNIST)
+    for folder in folders:
+        images = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
+        labels = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+        if images and labels:
+            x = torch.from_numpy(_read_idx(images).copy())[:, None]  # (N, 1, 28, 28)
+            x = torch.nn.functional.pad(x, (2, 2, 2, 2))  # (N, 1, 32, 32), background 0 = black
+            return x, torch.from_numpy(_read_idx(labels).astype(np.int64))
+    if download and data_dir:
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            FashionMNIST(data_dir, train=train, download=True)
+            return load_fashion_mnist(data_dir, train, download=False)
+        except Exception:
+            pass
+    raise UserError(f"Fashion-MNIST not found in {', '.join(map(str, folders))} and could not be "
+                    f"downloaded; {OFFLINE_HINT}")
+
+
+def load_cifar10(data_dir: str | None, train: bool = True, download: bool = True):
+    """CIFAR-10 from torchvision's on-disk format (cifar-10-batches-py/ pickles):
+    (N, 3, 32, 32) uint8 and (N,) labels. Downloaded by torchvision when missing."""
+    root = Path(data_dir or "data")
+    folder = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    if not all((folder / n).is_file() for n in names):
+        if download:
+            try:
+                from torchvision.datasets import CIFAR10
+
+                CIFAR10(str(root), train=train, download=True)
+            except Exception:
+                pass
+        if not all((folder / n).is_file() for n in names):
+            raise UserError(f"CIFAR-10 not found in {folder} and could not be downloaded; "
+                            f"put torchvision's cifar-10-batches-py there, or {OFFLINE_HINT}")
+    xs, ys = [], []
+    for n in names:
+        with open(folder / n, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+# ----------------------------------------------------------------------------------------
+# One resumable stream of training batches for every loop
+# ----------------------------------------------------------------------------------------
+
+
+class BatchStream:
+    """Training batches (x, labels) on `device`, resumable exactly.
+
+    Toy data: fresh samples from a generator seeded once. Images: an epoch-wise permutation
+    seeded by (seed, epoch), random horizontal flips when asked, scaled to [-1, 1].
+    `state_dict()` / `load_state_dict()` put a resumed run on the same batches.
+    """
+
+    def __init__(self, config: dict, device: torch.device, seed: int):
+        self.batch_size, self.device, self.seed = config["batch_size"], device, seed
+        self.flip = config.get("hflip", False)
+        self.toy = config["net"] == "mlp"
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch, self.pos = 0, 0
+        if self.toy:
+            self.dataset = toy_dataset(config["data"])
+        else:
+            loader = {"fmnist": load_fashion_mnist, "cifar10": load_cifar10}[config["data"]]
+            self.images, self.labels = loader(config.get("data_dir"))
+            self.perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        epoch_generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return torch.randperm(len(self.labels), generator=epoch_generator)
+
+    def next(self):
+        if self.toy:
+            x, labels = self.dataset.sample(self.batch_size, self.generator)
+            return x.to(self.device), labels.to(self.device)
+        if self.pos + self.batch_size > len(self.perm):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self.perm = self._permutation()
+        idx = self.perm[self.pos: self.pos + self.batch_size]
+        self.pos += self.batch_size
+        x = self.images[idx].to(self.device).float() / 127.5 - 1.0  # (B, C, 32, 32) in [-1, 1]
+        if self.flip:
+            flip = torch.rand(len(idx), generator=self.generator) < 0.5
+            x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(3), x)
+        return x, self.labels[idx].to(self.device)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        if not self.toy:
+            self.perm = self._permutation()

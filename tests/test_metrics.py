@@ -1,0 +1,54 @@
+"""The toy metrics separate the failures they are meant to catch by at least 3x their own noise."""
+
+import numpy as np
+import torch
+
+from data import gaussians8
+from metrics import mmd2, mode_shares, off_mode_rate, wasserstein2
+
+N, SEEDS = 2000, 8
+
+
+def _draws(kind: str, seed: int, mix):
+    g = torch.Generator().manual_seed(seed)
+    x, labels = mix.sample(N, g)
+    if kind == "blurred":  # the same centres, standard deviation 1.25x
+        x = mix.means[labels] + 1.25 * mix.std * torch.randn(N, 2, generator=g)
+    if kind == "off_mode":  # 5% of the points moved between the modes
+        k = N // 20
+        x[:k] = 0.6 * (2 * torch.rand(k, 2, generator=g) - 1)
+    return x.numpy()
+
+
+def test_metrics_separate_blur_and_off_mode_points():
+    mix = gaussians8()
+    refs = [mix.sample(N, torch.Generator().manual_seed(100 + s))[0].numpy() for s in range(SEEDS)]
+    runs = {kind: [{"mmd": mmd2(_draws(kind, s, mix), refs[s]), "off_mode": off_mode_rate(_draws(kind, s, mix), mix)}
+                   for s in range(SEEDS)] for kind in ("data", "blurred", "off_mode")}
+
+    def stats(kind, key):
+        v = np.array([m[key] for m in runs[kind]])
+        return v.mean(), v.std(ddof=1)
+
+    data_mmd, data_mmd_noise = stats("data", "mmd")
+    blur_mmd, blur_mmd_noise = stats("blurred", "mmd")
+    assert blur_mmd - data_mmd > 3 * max(data_mmd_noise, blur_mmd_noise)
+    data_off, data_off_noise = stats("data", "off_mode")
+    bad_off, bad_off_noise = stats("off_mode", "off_mode")
+    noise = max(data_off_noise, bad_off_noise, np.sqrt(0.05 * 0.95 / N))  # binomial noise as a floor
+    assert bad_off - data_off > 3 * noise
+    assert abs(bad_off - 0.05) < 0.01 and data_off < 0.005
+
+
+def test_off_mode_rate_and_shares_by_hand():
+    mix = gaussians8()
+    pts = np.array([[1.0, 0.0], [1.3, 0.0], [0.0, 0.0], [0.0, 1.05]])  # on, 3.75 std off (on), off, on
+    assert off_mode_rate(pts, mix) == 0.25
+    shares = mode_shares(pts, mix)
+    assert shares[0] == 0.5 and shares[2] == 0.25 and sum(shares) == 0.75
+
+
+def test_wasserstein_exact_on_a_shift():
+    a = np.random.default_rng(0).normal(size=(300, 2))
+    assert abs(wasserstein2(a, a + np.array([0.3, 0.4])) - 0.5) < 1e-9  # a translation costs its length
+    assert wasserstein2(a, a) == 0.0

@@ -1,0 +1,251 @@
+"""Training plumbing shared by every script: one-line user errors, device choice, seeds and
+RNG state, EMA, atomic checkpoints, autocast, progress bars, logs and pictures.
+
+Nothing here is diffusion math (that is `common.py`, which re-exports these names).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line by `run_cli`, never as a traceback."""
+
+
+def run_cli(main) -> None:
+    """Run `main()`; turn a `UserError` into a one-line `error: ...` and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is intact; rerun the same command to resume",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+# ----------------------------------------------------------------------------------------
+# EMA, device, seeds, atomic checkpoints
+# ----------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a model's weights, with the usual warm-up:
+    decay_k = min(decay, (1 + k) / (10 + k)), so short runs are not dominated by init."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.steps = 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for p_ema, p in zip(self.model.parameters(), model.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - d)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        self.model.load_state_dict(state["model"])
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu (or the one asked for)."""
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but CUDA is not available; use --device cpu")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Write atomically: to a temporary file in the same folder, fsync, then rename.
+
+    A run killed mid-write leaves the previous checkpoint intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path, what: str = "checkpoint") -> dict:
+    """Load a checkpoint onto the CPU, or fail with one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"{what} at {path} cannot be read ({type(e).__name__}); delete it and rerun") from None
+
+
+def check_compatible(saved: dict, config: dict, keys, what: str, path) -> None:
+    """Fail with one line if a checkpoint was made with a different data set or network."""
+    diff = [k for k in keys if saved.get(k) != config.get(k)]
+    if diff:
+        detail = ", ".join(f"{k}={saved.get(k)!r} (now {config.get(k)!r})" for k in diff)
+        raise UserError(f"{what} at {path} does not match this run: {detail}; "
+                        f"use the matching --preset or another --out-dir")
+
+
+def write_json(path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------
+
+
+def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
+    """Images in [-1, 1], (B, C, H, W) -> one PNG grid (torchvision.utils)."""
+    from torchvision.utils import save_image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.detach().float().cpu().clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow)
+
+
+def save_scatter(panels: dict, path, reference: np.ndarray | None = None, lim: float = 1.6) -> None:
+    """Toy samples: one scatter panel per entry {title: (N, 2) points}, data in grey behind."""
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
+
+    n = len(panels)
+    fig = Figure(figsize=(3 * n, 3.1))
+    axes = fig.subplots(1, n, squeeze=False)
+    for ax, (title, pts) in zip(axes[0], panels.items()):
+        pts = np.asarray(pts)
+        if reference is not None:
+            ax.scatter(reference[:, 0], reference[:, 1], s=1, c="0.8")
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, c="C0")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+# ----------------------------------------------------------------------------------------
+# Loops: progress, autocast, logs
+# ----------------------------------------------------------------------------------------
+
+
+def progress(iterable, desc: str, **kwargs):
+    """A tqdm bar (quiet when stderr is not a terminal and CI is set)."""
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, mininterval=1.0,
+                disable=bool(os.environ.get("CI")) and not sys.stderr.isatty(), **kwargs)
+
+
+def autocast(config: dict, device: torch.device):
+    """bf16 autocast on CUDA when `amp` is on; a no-op elsewhere. Schedule math stays fp32
+    because `common` casts network outputs back with `.float()` before using them."""
+    enabled = bool(config.get("amp")) and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def prepare_network(model: nn.Module, config: dict, device: torch.device) -> None:
+    """channels_last for UNets on CUDA, and torch.compile of the network's forward when asked
+    (compiling `forward` in place keeps the state_dict's keys, so checkpoints stay portable)."""
+    if device.type == "cuda" and config["net"] == "unet":
+        model.to(memory_format=torch.channels_last)
+    if config.get("compile"):
+        if device.type != "cuda":
+            raise UserError("--compile is meant for CUDA; drop it on this device")
+        model.net.forward = torch.compile(model.net.forward)
+
+
+class LogWriter:
+    """Appends one JSON record per log line to log.jsonl and draws the curves at the end."""
+
+    def __init__(self, path, resume: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            self.path.write_text("")
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def plot(self, png, title: str) -> None:
+        """Every numeric series against `step`, log scale."""
+        from matplotlib.figure import Figure
+
+        records = self.records()
+        if not records:
+            return
+        keys = [k for k in records[-1] if k not in ("step", "grad_norm") and isinstance(records[-1][k], float)]
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.subplots()
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in records if k in r]
+            ax.plot(*zip(*pts), label=k, lw=1.8 if k == "loss" else 1.0)
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
