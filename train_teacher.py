@@ -44,6 +44,11 @@ from presets import TEACHER_KEYS, parse_config
 from training import LogWriter, autocast, prepare_network, progress
 
 
+def teacher_dir(config: dict) -> Path:
+    """Where the teacher's pictures, samples, log and metrics.json go: beside its checkpoint."""
+    return Path(config["teacher"]).with_suffix("")
+
+
 def train_teacher(config: dict, resume: bool = False) -> Path:
     """Alg. 1 with label dropout and EMA; checkpoints every `ckpt_every`; returns the path."""
     device = pick_device(config["device"])
@@ -73,7 +78,7 @@ def train_teacher(config: dict, resume: bool = False) -> Path:
                                "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                "stream": stream.state_dict(), "rng": rng_state()})
 
-    out = Path(config["out_dir"]) / "teacher"
+    out = teacher_dir(config)
     log = LogWriter(out / "log.jsonl", resume=step > 0)
     prepare_network(model, config, device)
     null = model.null_label
@@ -115,7 +120,7 @@ def train_teacher(config: dict, resume: bool = False) -> Path:
 def evaluate_teacher(config: dict, device: torch.device) -> dict:
     """The teacher's DDIM at each `eval_steps` count: pictures, samples and metrics.json."""
     teacher = load_teacher(config, device, train_if_missing=False)
-    out = Path(config["out_dir"]) / "teacher"
+    out = teacher_dir(config)
     timings = {}
 
     def sample(z, labels, steps):
@@ -157,7 +162,9 @@ def load_teacher(config: dict, device: torch.device, train_if_missing: bool = Tr
     net = build_network(state["config"])
     teacher = Denoiser(net)
     teacher.load_state_dict(state["ema"]["model"])
-    return teacher.to(device).eval().requires_grad_(False)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    prepare_network(teacher, config, device, compile=False)  # students are copies of it
+    return teacher
 
 
 def main(argv=None) -> None:
@@ -169,7 +176,7 @@ def main(argv=None) -> None:
           f"-> {config['teacher']}")
     train_teacher(config, resume=resume)
     metrics = evaluate_teacher(config, device)
-    print(f"trained in {metrics['train_time_s']} s; samples and metrics in {Path(config['out_dir']) / 'teacher'}")
+    print(f"trained in {metrics['train_time_s']} s; samples and metrics in {teacher_dir(config)}")
     for steps, m in metrics["ddim"].items():
         if "off_mode" in m:
             print(f"  DDIM {steps:>3} steps: off-mode {m['off_mode']:.1%}  MMD {m['mmd']:.4f}  W2 {m['w2']:.3f}")

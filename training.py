@@ -32,7 +32,7 @@ def run_cli(main) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is intact; rerun the same command to resume",
+        print("interrupted: the last checkpoint is intact; rerun the command with --resume to continue",
               file=sys.stderr)
         raise SystemExit(130) from None
 
@@ -203,12 +203,13 @@ def autocast(config: dict, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def prepare_network(model: nn.Module, config: dict, device: torch.device) -> None:
+def prepare_network(model: nn.Module, config: dict, device: torch.device, compile: bool = True) -> None:
     """channels_last for UNets on CUDA, and torch.compile of the network's forward when asked
-    (compiling `forward` in place keeps the state_dict's keys, so checkpoints stay portable)."""
+    (compiling `forward` in place keeps the state_dict's keys, so checkpoints stay portable).
+    Pass compile=False for a model that will be deep-copied (a teacher that seeds students)."""
     if device.type == "cuda" and config["net"] == "unet":
         model.to(memory_format=torch.channels_last)
-    if config.get("compile"):
+    if compile and config.get("compile"):
         if device.type != "cuda":
             raise UserError("--compile is meant for CUDA; drop it on this device")
         model.net.forward = torch.compile(model.net.forward)
