@@ -28,6 +28,7 @@ denoiser in `data.py` follows the same protocol, so tests can use it as a perfec
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -201,6 +202,16 @@ class Denoiser(nn.Module):
         t = _as_time(t, z_t).expand(z_t.shape[0])
         v_hat = self.predict_v(z_t, t, labels, w).float()
         return x_from_v(z_t, v_hat, t)  # x_hat = alpha_t z_t - sigma_t v_hat
+
+
+def trainable_copy(teacher: nn.Module) -> nn.Module:
+    """A student (or generator, or fake score) starts as a copy of its teacher, in train mode
+    with gradients on and dropout off: every distillation method trains without dropout."""
+    model = copy.deepcopy(teacher).train().requires_grad_(True)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
 
 
 def time_grid(steps: int) -> list[float]:

@@ -40,7 +40,6 @@ Deliberate differences from the papers:
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -49,9 +48,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import (EMA, Denoiser, UserError, ddim_sample, diffuse, diffusion_loss, guided,
+from common import (EMA, UserError, ddim_sample, diffuse, diffusion_loss, guided,
                     load_checkpoint, pick_device, rng_state, run_cli, save_checkpoint, seed_everything,
-                    set_rng_state, write_json)
+                    set_rng_state, trainable_copy, write_json)
 from metrics import evaluate_sampler
 from presets import parse_config
 from train_teacher import load_teacher, teacher_dir
@@ -251,14 +250,6 @@ def check_config(config: dict) -> None:
 
 def run_dir(config: dict) -> Path:
     return Path(config["out_dir"]) / (f"dmd_{config['steps']}step" + (f"_{config['tag']}" if config["tag"] else ""))
-
-
-def trainable_copy(teacher: Denoiser) -> Denoiser:
-    model = copy.deepcopy(teacher).train().requires_grad_(True)
-    for module in model.modules():  # distillation runs without dropout
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    return model
 
 
 def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:

@@ -33,7 +33,6 @@ Deliberate differences from the paper:
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import torch.nn as nn
 
 from common import (Denoiser, UserError, check_compatible, ddim_sample, ddim_step, diffuse, drop_labels, invert_ddim,
                     load_checkpoint, logsnr, loss_by_t_bucket, pick_device, rng_state, run_cli, save_checkpoint,
-                    seed_everything, set_rng_state, write_json)
+                    seed_everything, set_rng_state, trainable_copy, write_json)
 from data import BatchStream
 from metrics import evaluate_sampler
 from networks import build_network
@@ -148,11 +147,7 @@ def frozen(model: nn.Module) -> nn.Module:
 
 def new_student(teacher: Denoiser) -> Denoiser:
     """Alg. 2: the student starts as a copy of its teacher; no dropout while distilling."""
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    for module in student.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    return student
+    return trainable_copy(teacher)
 
 
 def load_student(path, config: dict, device) -> Denoiser:

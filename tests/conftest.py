@@ -1,3 +1,4 @@
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,3 +14,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)
+
+
+def with_teacher(folder, teacher_folder) -> Path:
+    """Copy a trained teacher (teacher.pt and its teacher/ folder) into a run folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("teacher.pt", "teacher"):
+        src, dst = Path(teacher_folder) / name, folder / name
+        if not dst.exists():
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    return folder

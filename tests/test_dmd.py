@@ -1,6 +1,5 @@
 """DMD: the distribution-matching gradient, multi-step sampling, short runs with resume, errors."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 import dmd
 from common import UserError, diffuse
 from data import GaussianMixture, gaussians8
+from conftest import with_teacher
 from presets import config_for
 from train_teacher import load_teacher
 
@@ -106,12 +106,7 @@ def toy_teacher(tmp_path_factory):
 
 
 def dmd_config(folder, teacher_folder, **overrides):
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("teacher.pt", "teacher"):
-        src, dst = teacher_folder / name, folder / name
-        if not dst.exists():
-            (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    folder = with_teacher(folder, teacher_folder)
     return {**config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500,
                          eval_steps=[1, 4, 256], log_every=5, ckpt_every=10),
             **dmd.DMD_PRESETS["toy"], "dmd_iterations": 20, "eval_every": 10, "fake_updates": 2,

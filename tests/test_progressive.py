@@ -2,7 +2,6 @@
 a short ladder with an exact mid-round resume, and clear errors."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import progressive_distill as pd
 from common import Denoiser, ddim_sample, ddim_step, diffuse, save_checkpoint
 from data import gaussians8
 from networks import MLPDenoiserNet
+from conftest import with_teacher
 from presets import config_for
 from train_teacher import load_teacher
 
@@ -108,11 +108,7 @@ def toy_teacher(tmp_path_factory):
 
 
 def ladder_config(folder, teacher_folder, **overrides):
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    for name in ("teacher.pt", "teacher"):
-        src, dst = teacher_folder / name, Path(folder) / name
-        if not dst.exists():
-            (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    folder = with_teacher(folder, teacher_folder)
     return {**config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500,
                          eval_steps=[1, 2, 4, 8]),
             **pd.PD_PRESETS["toy"], "start_steps": 8, "to_steps": 1, "round_iterations": 60,
