@@ -110,6 +110,7 @@ def generate(generator, z: torch.Tensor, labels: torch.Tensor, steps: int, first
     """Sample with K steps; with `first=k`, run only the first k steps (backward simulation)
     and return the latent z_{t_k} and t_k that the k-th step starts from."""
     times = generator_times(steps)
+    assert first is None or 0 <= first < steps, "backward simulation stops before the last step"
     z_t = z  # z_{t_0} = pure noise (t_0 = 1)
     for k, t in enumerate(times):
         if first is not None and k == first:
@@ -206,8 +207,11 @@ def regression_pairs(teacher, config: dict, device) -> dict:
     """Generated once per preset with a progress bar and cached beside the teacher."""
     name = f"regression_{config['reg_pairs']}x{config['reg_steps']}_null{config['dmd_label_dropout']}.pt"
     path = teacher_dir(config) / name
+    teacher_step = load_checkpoint(config["teacher"], "teacher checkpoint")["step"]
     if path.exists():
-        return load_checkpoint(path, "regression set")
+        pairs = load_checkpoint(path, "regression set")
+        if pairs.get("teacher_step") == teacher_step and pairs.get("seed") == config["seed"]:
+            return pairs  # made by this very teacher; otherwise made anew below
     g = torch.Generator().manual_seed(config["seed"] + 777)
     n = config["reg_pairs"]
     shape = (2,) if config["net"] == "mlp" else (config["in_ch"], 32, 32)
@@ -217,7 +221,7 @@ def regression_pairs(teacher, config: dict, device) -> dict:
     for i in progress(range(0, n, batch), f"regression set ({config['reg_steps']}-step teacher DDIM)"):
         zb, cb = z[i:i + batch].to(device), labels[i:i + batch].to(device)
         ys.append(ddim_sample(real, zb, config["reg_steps"], cb).cpu())
-    pairs = {"z": z, "labels": labels, "y": torch.cat(ys)}
+    pairs = {"z": z, "labels": labels, "y": torch.cat(ys), "teacher_step": teacher_step, "seed": config["seed"]}
     save_checkpoint(path, pairs)
     return pairs
 
