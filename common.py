@@ -38,7 +38,7 @@ from tqdm import tqdm
 # Re-exported so that notebooks and coursework find everything shared under `common`.
 from networks import MLPDenoiserNet, UNet, build_network  # noqa: F401
 from training import (EMA, UserError, check_compatible, load_checkpoint, pick_device,  # noqa: F401
-                      rng_state, run_cli, save_checkpoint, save_image_grid, save_scatter,
+                      read_json, rng_state, run_cli, save_checkpoint, save_image_grid, save_scatter,
                       seed_everything, set_rng_state, write_json)
 
 LOGSNR_CLIP = 20.0

@@ -40,7 +40,6 @@ Deliberate differences from the papers:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from common import (EMA, UserError, ddim_sample, diffuse, diffusion_loss, guided,
-                    load_checkpoint, pick_device, rng_state, run_cli, save_checkpoint, seed_everything,
+                    load_checkpoint, pick_device, read_json, rng_state, run_cli, save_checkpoint, seed_everything,
                     set_rng_state, trainable_copy, write_json)
 from metrics import evaluate_sampler
 from presets import parse_config
@@ -406,7 +405,7 @@ def save_dm_view(generator, real_score, fake_score, config: dict, device, png: P
 def finish(config: dict, out: Path, history: list, train_time: float, sampler, device) -> dict:
     """metrics.json: the final generator beside the teacher's DDIM, the convergence history,
     and the sampling speed (samples/s, generator K steps vs the teacher's 256-step DDIM)."""
-    teacher_metrics = json.loads((teacher_dir(config) / "metrics.json").read_text())
+    teacher_metrics = read_json(teacher_dir(config) / "metrics.json")
     speed = sampling_speed(sampler, config, device)
     metrics = {"preset": config["preset"], "steps": config["steps"], "reg_weight": config["reg_weight"],
                "fake_updates": config["fake_updates"], "train_time_s": round(train_time, 1),

@@ -40,8 +40,8 @@ import torch
 import torch.nn as nn
 
 from common import (Denoiser, UserError, check_compatible, ddim_sample, ddim_step, diffuse, drop_labels, invert_ddim,
-                    load_checkpoint, logsnr, loss_by_t_bucket, pick_device, rng_state, run_cli, save_checkpoint,
-                    seed_everything, set_rng_state, trainable_copy, write_json)
+                    load_checkpoint, logsnr, loss_by_t_bucket, pick_device, read_json, rng_state, run_cli,
+                    save_checkpoint, seed_everything, set_rng_state, trainable_copy, write_json)
 from data import BatchStream
 from metrics import evaluate_sampler
 from networks import build_network
@@ -222,9 +222,9 @@ def progressive_distillation(config: dict, resume: bool = False) -> dict:
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.json"
-    metrics = load_json(metrics_path) if resume else {}
+    metrics = read_json(metrics_path) if resume else {}
     metrics.update({"preset": config["preset"], "start_steps": config["start_steps"],
-                    "teacher_ddim": load_json(teacher_dir(config) / "metrics.json")})
+                    "teacher_ddim": read_json(teacher_dir(config) / "metrics.json")})
     students = metrics.setdefault("students", {})
     log = LogWriter(out / "log.jsonl", resume=resume)
     n_steps = config["start_steps"] // 2  # N: the student's steps; its teacher takes 2N
@@ -259,12 +259,6 @@ def evaluate_student(student: Denoiser, steps: int, config: dict, device, out: P
     results = evaluate_sampler(lambda z, c, n: ddim_sample(student, z, n, c), config, out / f"student_{steps}",
                                [steps], device, title="PD student ")
     return results[steps]
-
-
-def load_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def plot_quality(metrics: dict, png: Path) -> None:

@@ -141,6 +141,12 @@ def check_compatible(saved: dict, config: dict, keys, what: str, path) -> None:
                         f"use the matching --preset or another --out-dir")
 
 
+def read_json(path) -> dict:
+    """A JSON file written by `write_json`, or {} when there is none."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def write_json(path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

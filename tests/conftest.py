@@ -25,3 +25,16 @@ def with_teacher(folder, teacher_folder) -> Path:
         if not dst.exists():
             (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
     return folder
+
+
+def die_on_call(monkeypatch, module, name: str, n: int) -> None:
+    """Make the n-th call of module.name raise KeyboardInterrupt: a run killed mid-training."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, dying)

@@ -10,7 +10,7 @@ import torch
 import dmd
 from common import UserError, diffuse
 from data import GaussianMixture, gaussians8
-from conftest import with_teacher
+from conftest import die_on_call, with_teacher
 from presets import config_for
 from train_teacher import load_teacher
 
@@ -125,15 +125,7 @@ def test_short_runs_resume_exactly(tmp_path, toy_teacher, monkeypatch, steps):
     assert metrics["samples_per_s"]["speedup"] > 1
 
     part = dmd_config(tmp_path / "part", toy_teacher, steps=steps)
-    calls, real_loss = {"n": 0}, dmd.dmd_generator_loss
-
-    def dying_loss(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 15:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(dmd, "dmd_generator_loss", dying_loss)
+    die_on_call(monkeypatch, dmd, "dmd_generator_loss", 15)
     with pytest.raises(KeyboardInterrupt):
         dmd.train_dmd(part)
     monkeypatch.undo()

@@ -13,7 +13,7 @@ import progressive_distill as pd
 from common import Denoiser, ddim_sample, ddim_step, diffuse, save_checkpoint
 from data import gaussians8
 from networks import MLPDenoiserNet
-from conftest import with_teacher
+from conftest import die_on_call, with_teacher
 from presets import config_for
 from train_teacher import load_teacher
 
@@ -136,16 +136,7 @@ def test_short_ladder_with_mid_round_resume(tmp_path, toy_teacher, monkeypatch):
 
     # Interrupt the second round (4 -> 2) at update 45: the checkpoint at 40 survives.
     part = ladder_config(tmp_path / "part", toy_teacher)
-    calls = {"n": 0}
-    real_loss = pd.pd_loss
-
-    def dying_loss(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 60 + 45:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(pd, "pd_loss", dying_loss)
+    die_on_call(monkeypatch, pd, "pd_loss", 60 + 45)
     with pytest.raises(KeyboardInterrupt):
         pd.progressive_distillation(part)
     monkeypatch.undo()
