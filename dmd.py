@@ -75,7 +75,7 @@ DMD_FIELDS = {
 }
 DMD_PRESETS = {
     # Toy values tuned on gaussians8 (README): lr 1e-4 -> 1e-3 and regression 0.25 -> 4 moved it most.
-    "toy": {"steps": 1, "dmd_iterations": 3000, "dmd_batch_size": 512, "gen_lr": 1e-3, "fake_lr": 1e-3,
+    "toy": {"steps": 1, "dmd_iterations": 8000, "dmd_batch_size": 512, "gen_lr": 1e-3, "fake_lr": 1e-3,
             "fake_updates": 5, "reg_weight": 4.0, "reg_loss": "mse", "reg_pairs": 8192, "reg_steps": 256,
             "real_guidance": 0.0, "gen_ema": 0.99, "lr_decay": False, "dmd_label_dropout": 1.0, "eval_every": 500,
             "tag": ""},
@@ -259,20 +259,30 @@ def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.999))
 
 
-def train_dmd(config: dict, resume: bool = False) -> dict:
+def train_dmd(config: dict, resume: bool = False, out: Path | None = None, real_score_at=None,
+              fake_start: dict | None = None) -> dict:
+    """The loop above. DisBack (disback.py) reuses it unchanged apart from three arguments: its run
+    folder `out`, `real_score_at(step)`, the real score for generator update `step` (DMD: always
+    the teacher), and `fake_start`, the fake score's initial weights (DMD: the teacher's)."""
     check_config(config)
     device = pick_device(config["device"])
-    out = run_dir(config)
+    out = out or run_dir(config)
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists() and not resume:
         raise UserError(f"{out} holds an earlier run; pass --resume to continue it, or --tag for a new run")
     lpips = load_lpips(config, device) if config["reg_weight"] > 0 and config["reg_loss"] == "lpips" else None
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
-    real_score = real_score_of(teacher, config)
+    if real_score_at is None:
+        real_score = real_score_of(teacher, config)
+
+        def real_score_at(step):
+            return real_score
     pairs = regression_pairs(teacher, config, device) if config["reg_weight"] > 0 else None
 
     seed_everything(config["seed"])
     generator, fake_score = trainable_copy(teacher), trainable_copy(teacher)  # both start as the teacher
+    if fake_start is not None:
+        fake_score.load_state_dict(fake_start)
     gen_opt, fake_opt = adamw(generator, config["gen_lr"]), adamw(fake_score, config["fake_lr"])
     ema = EMA(generator, config["gen_ema"]) if config["gen_ema"] > 0 else None
     step, history, train_time = 0, [], 0.0
@@ -338,7 +348,7 @@ def train_dmd(config: dict, resume: bool = False) -> dict:
         z_k, t_k = generate(generator, z, labels, K, first=k)
         with autocast(config, device):
             x = generator(z_k, torch.full((batch,), t_k, device=device), labels)
-            loss_dm = dmd_generator_loss(x, real_score, fake_score, labels)
+            loss_dm = dmd_generator_loss(x, real_score_at(step), fake_score, labels)
             loss = loss_dm
             if pairs is not None:
                 idx = torch.randint(len(pairs["y"]), (batch,))
@@ -362,7 +372,8 @@ def train_dmd(config: dict, resume: bool = False) -> dict:
             bar.set_postfix(dm=f"{record['loss_dm']:.2e}", fake=f"{record['loss_fake']:.3f}")
         if step % config["eval_every"] == 0 or step == config["dmd_iterations"]:
             train_time += time.perf_counter() - start
-            save_dm_view(generator, real_score, fake_score, config, device, out / f"eval_{step:07d}" / "dm_view.png")
+            save_dm_view(generator, real_score_at(step - 1), fake_score, config, device,
+                         out / f"eval_{step:07d}" / "dm_view.png")
             history.append(evaluate(step))
             start = time.perf_counter()
             if "off_mode" in history[-1]:

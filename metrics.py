@@ -88,6 +88,17 @@ def toy_metrics(points, dataset, seed: int = 12345) -> dict:
     return out
 
 
+def reference_metrics(points, ref, ref2, mixture: GaussianMixture | None = None) -> dict:
+    """`points` against a reference sampler's draw `ref` (not the data: guided distillation is
+    judged against the guided teacher), with the floor from a second draw `ref2` of that sampler."""
+    points, ref, ref2 = (np.asarray(a, dtype=np.float64) for a in (points, ref, ref2))
+    out = {"n": len(points), "w2": wasserstein2(points, ref), "w2_floor": wasserstein2(ref2, ref),
+           "mmd": mmd2(points, ref), "mmd_floor": mmd2(ref2, ref)}
+    if mixture is not None:
+        out["off_mode"] = off_mode_rate(points, mixture)
+    return out
+
+
 def save_samples(path, points, labels) -> None:
     """The exact samples a metric was computed on, so anyone can re-evaluate them."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import torch
 
 from common import UserError
 
-# name: (type, help). Type "ints" is a list of integers.
+# name: (type, help). Type "ints" is a list of integers, "floats" a list of floats.
 TEACHER_FIELDS = {
     "data": (str, "data set: gaussians8 | moons (toy), fmnist, cifar10"),
     "data_dir": (str, "where image data sets are looked for (and downloaded to)"),
@@ -92,8 +92,8 @@ def build_parser(description: str, fields: dict, flags: dict) -> argparse.Argume
     for name, (kind, text) in fields.items():
         if kind is bool:
             group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif kind == "ints":
-            group.add_argument(_flag(name), type=int, nargs="+", default=None, help=text)
+        elif kind in ("ints", "floats"):
+            group.add_argument(_flag(name), type=int if kind == "ints" else float, nargs="+", default=None, help=text)
         else:
             group.add_argument(_flag(name), type=kind, default=None, help=text)
     return parser

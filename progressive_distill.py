@@ -150,16 +150,32 @@ def new_student(teacher: Denoiser) -> Denoiser:
     return trainable_copy(teacher)
 
 
-def load_student(path, config: dict, device) -> Denoiser:
+def load_student(path, config: dict, device, w_embedding: bool = False) -> Denoiser:
+    """A saved student, frozen; `w_embedding` for guided distillation's w-conditioned students."""
     state = load_checkpoint(path, "student checkpoint")
     check_compatible(state["config"], config, TEACHER_KEYS, "student checkpoint", path)
-    student = Denoiser(build_network(config))
+    net = build_network(config)
+    if w_embedding:
+        net.enable_w_embedding()
+    student = Denoiser(net)
     student.load_state_dict(state["model"])
     return frozen(student.to(device))
 
 
-def train_round(teacher: Denoiser, n_steps: int, config: dict, device, out: Path, log: LogWriter) -> Denoiser:
-    """One halving: a student whose N = n_steps DDIM steps match the teacher's 2N."""
+def train_round(teacher: Denoiser, n_steps: int, config: dict, device, out: Path, log: LogWriter,
+                batch_loss=None, probe_sampler=None) -> Denoiser:
+    """One halving: a student whose N = n_steps DDIM steps match the teacher's 2N.
+
+    `batch_loss(student, teacher, x, labels, n_steps) -> (per-example loss, t)` and
+    `probe_sampler(model, z, steps) -> x` default to Alg. 2's loss and unconditional DDIM;
+    guided distillation passes versions that draw and pass a guidance weight w.
+    """
+    if batch_loss is None:
+        def batch_loss(student, teacher, x, labels, n_steps):
+            return pd_loss(student, teacher, x, labels, n_steps, config["weighting"], reduce=False)
+    if probe_sampler is None:
+        def probe_sampler(model, z, steps):
+            return ddim_sample(model, z, steps, torch.full((z.shape[0],), model.null_label, device=z.device))
     seed_everything(config["seed"] + n_steps)  # rounds do not depend on what ran before them
     student = new_student(teacher)
     opt = torch.optim.Adam(student.parameters(), lr=config["pd_lr"])
@@ -180,8 +196,7 @@ def train_round(teacher: Denoiser, n_steps: int, config: dict, device, out: Path
     g = torch.Generator().manual_seed(config["eval_seed"])
     shape = (256, 2) if config["net"] == "mlp" else (16, config["in_ch"], 32, 32)
     z_probe = torch.randn(shape, generator=g).to(device)
-    c_probe = torch.full((shape[0],), teacher.null_label, device=device)
-    x_teacher = ddim_sample(teacher, z_probe, 2 * n_steps, c_probe)
+    x_teacher = probe_sampler(teacher, z_probe, 2 * n_steps)
 
     bar = progress(range(step, iterations), f"PD {2 * n_steps}->{n_steps}", initial=step, total=iterations)
     for step in bar:
@@ -190,7 +205,7 @@ def train_round(teacher: Denoiser, n_steps: int, config: dict, device, out: Path
         x, labels = stream.next()
         labels = drop_labels(labels, config["pd_label_dropout"], teacher.null_label)
         with autocast(config, device):
-            per_example, t = pd_loss(student, teacher, x, labels, n_steps, config["weighting"], reduce=False)
+            per_example, t = batch_loss(student, teacher, x, labels, n_steps)
         loss = per_example.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -199,7 +214,7 @@ def train_round(teacher: Denoiser, n_steps: int, config: dict, device, out: Path
         step += 1
         if step % config["log_every"] == 0 or step == iterations:
             student.eval()
-            gap = (ddim_sample(student, z_probe, n_steps, c_probe) - x_teacher).pow(2).mean().item()
+            gap = (probe_sampler(student, z_probe, n_steps) - x_teacher).pow(2).mean().item()
             student.train()
             log.write({"student_steps": n_steps, "step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
                        "student_vs_teacher_mse": gap, **loss_by_t_bucket(per_example, t)})

@@ -168,14 +168,20 @@ def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
     save_image(images.detach().float().cpu().clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow)
 
 
-def save_scatter(panels: dict, path, reference: np.ndarray | None = None, lim: float = 1.6) -> None:
-    """Toy samples: one scatter panel per entry {title: (N, 2) points}, data in grey behind."""
+def save_scatter(panels: dict, path, reference: np.ndarray | None = None, lim: float = 1.6,
+                 ncols: int | None = None) -> None:
+    """Toy samples: one scatter panel per entry {title: (N, 2) points}, data in grey behind;
+    one row, or rows of `ncols` panels."""
     from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
 
     n = len(panels)
-    fig = Figure(figsize=(3 * n, 3.1))
-    axes = fig.subplots(1, n, squeeze=False)
-    for ax, (title, pts) in zip(axes[0], panels.items()):
+    ncols = ncols or n
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(3 * ncols, 3.1 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_axis_off()
+    for ax, (title, pts) in zip(axes.flat, panels.items()):
         pts = np.asarray(pts)
         if reference is not None:
             ax.scatter(reference[:, 0], reference[:, 1], s=1, c="0.8")

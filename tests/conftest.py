@@ -11,6 +11,19 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session")
+def toy_teacher(tmp_path_factory):
+    """A toy teacher trained briefly (1500 updates, a few seconds), shared by every test file."""
+    from presets import config_for
+    from train_teacher import load_teacher
+
+    folder = tmp_path_factory.mktemp("teacher")
+    config = config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500,
+                        eval_steps=[1, 2, 4, 8, 256])
+    load_teacher(config, torch.device("cpu"))  # trains it
+    return folder
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)

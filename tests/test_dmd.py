@@ -96,15 +96,6 @@ def test_multi_step_sampling_uses_the_schedule_and_fresh_noise():
     assert dmd.generator_times(2) == [1.0, 0.5]
 
 
-@pytest.fixture(scope="module")
-def toy_teacher(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("teacher")
-    config = config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500,
-                        eval_steps=[1, 4, 256])
-    load_teacher(config, torch.device("cpu"))
-    return folder
-
-
 def dmd_config(folder, teacher_folder, **overrides):
     folder = with_teacher(folder, teacher_folder)
     return {**config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500,

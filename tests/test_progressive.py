@@ -98,15 +98,6 @@ def test_weightings():
     assert pd.snr_weight(torch.ones(1), "truncated-snr").item() == 1.0
 
 
-@pytest.fixture(scope="module")
-def toy_teacher(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("teacher")
-    config = config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500,
-                        eval_steps=[1, 2, 4, 8])
-    load_teacher(config, torch.device("cpu"))  # trains it
-    return folder
-
-
 def ladder_config(folder, teacher_folder, **overrides):
     folder = with_teacher(folder, teacher_folder)
     return {**config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500,

@@ -1,0 +1,321 @@
+"""Compare every method on quality, steps and speed: one command, one table, one plot.
+
+Loads the preset's teacher and every student it finds in runs/<preset>/ (progressive
+distillation's rounds, guided distillation's rounds, DMD and DisBack generators), samples each
+at the step counts it supports on the shared evaluation noise, and writes
+
+    runs/<preset>/results.md           method, steps, network calls per sample, quality, samples/s
+    runs/<preset>/quality_vs_steps.png quality against network calls, one line per method
+    runs/<preset>/evaluation/          the samples behind every row
+
+It trains nothing: a method without a checkpoint is listed as missing, with the command that
+makes it. Toy rows use `metrics.toy_metrics` on the same noise as the scripts' own metrics.json,
+so the numbers are the same. Image rows use the Frechet distance in the feature space of a
+small classifier trained once per data set (`image_metrics.py`; not comparable with Inception
+FID), that classifier's accuracy on class-conditional samples, and with `--inception`
+torchmetrics' Inception FID. Speed: samples/s on one batch of `--speed-batch` for every
+method, after a warm-up, synchronised on CUDA, best of three.
+
+    python evaluate.py --preset toy
+    python evaluate.py --preset fmnist --num-samples 10000
+    python evaluate.py --preset cifar10 --inception          # 50k samples, Inception FID
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common import (Denoiser, UserError, check_compatible, ddim_sample, load_checkpoint, pick_device, run_cli,
+                    save_image_grid)
+from metrics import evaluate_sampler
+from networks import build_network
+from presets import TEACHER_KEYS, parse_config
+from train_teacher import load_teacher
+
+EVAL_FIELDS = {
+    "num_samples": (int, "samples per row (toy: the scripts' eval_samples, so the numbers match theirs)"),
+    "speed_batch": (int, "batch size of the samples/s measurement, the same for every method"),
+    "teacher_steps": ("ints", "the teacher's DDIM step counts (its reference curve)"),
+    "guided_w": (float, "guidance weight at which guided students are measured (0: conditional, like the data)"),
+    "classifier_steps": (int, "images: training steps of the offline feature classifier (cached)"),
+    "inception": (bool, "images: also Inception FID (torchmetrics; needs torch-fidelity and its weights)"),
+}
+EVAL_PRESETS = {
+    "toy": {"num_samples": 2000, "speed_batch": 2000, "teacher_steps": [1, 2, 4, 8, 16, 64, 256], "guided_w": 0.0,
+            "classifier_steps": 0, "inception": False},
+    "fmnist": {"num_samples": 10_000, "speed_batch": 64, "teacher_steps": [1, 2, 4, 8, 64, 256], "guided_w": 0.0,
+               "classifier_steps": 3000, "inception": False},
+    "cifar10": {"num_samples": 50_000, "speed_batch": 64, "teacher_steps": [1, 2, 4, 8, 64, 256],
+                "guided_w": 0.0, "classifier_steps": 5000, "inception": True},
+}
+METHODS = {  # name: (folder glob, the command that makes it)
+    "PD": ("pd", "python progressive_distill.py --preset {preset}"),
+    "guided": ("guided", "python guided_distill.py --preset {preset}"),
+    "DMD": ("dmd_*step*", "python dmd.py --preset {preset} --steps 1"),
+    "DisBack": ("disback_*step*", "python disback.py --preset {preset} --steps 1"),
+}
+
+
+@dataclass
+class Row:
+    method: str
+    steps: int
+    calls: int  # network calls per sample
+    sample: object  # (z, labels, steps) -> x
+    source: str
+    metrics: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------
+# Finding the students
+# ----------------------------------------------------------------------------------------
+
+
+def _frozen_denoiser(config: dict, weights: dict, device, w_embedding: bool = False) -> Denoiser:
+    net = build_network(config)
+    if w_embedding:
+        net.enable_w_embedding()
+    model = Denoiser(net)
+    model.load_state_dict(weights)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def find_rows(config: dict, teacher: Denoiser, device) -> tuple[list[Row], list[str]]:
+    """Every sampler there is, and the methods that have no checkpoint yet."""
+    from dmd import generate
+    from guided_distill import labels_for, sample
+
+    out = Path(config["out_dir"])
+    rows = [Row("teacher DDIM", n, n, lambda z, c, n: ddim_sample(teacher, z, n, c), config["teacher"])
+            for n in config["teacher_steps"]]
+    missing = []
+    for method, (pattern, command) in METHODS.items():
+        found = []
+        if method in ("PD", "guided"):
+            for path in sorted((out / pattern).glob("student_*.pt"), key=lambda p: int(p.stem.split("_")[1])):
+                state = load_checkpoint(path, f"{method} student")
+                check_compatible(state["config"], config, TEACHER_KEYS, f"{method} student", path)
+                model = _frozen_denoiser(config, state["model"], device, w_embedding=method == "guided")
+                n = state["steps"]
+                if method == "PD":
+                    fn = (lambda m: lambda z, c, n: ddim_sample(m, z, n, c))(model)
+                else:  # class-balanced labels at guided_w: w = 0 is the conditional model, the data's distribution
+                    fn = (lambda m: lambda z, c, n: sample(m, z, labels_for(len(z), config, z.device),
+                                                           config["guided_w"], n))(model)
+                name = method if method == "PD" else f"guided (w = {config['guided_w']:g})"
+                found.append(Row(name, n, n, fn, str(path)))
+        else:
+            for folder in sorted(out.glob(pattern)):
+                path = folder / "checkpoint.pt"
+                if not path.exists():
+                    continue
+                state = load_checkpoint(path, f"{method} checkpoint")
+                check_compatible(state["config"], config, TEACHER_KEYS, f"{method} checkpoint", path)
+                ema = state.get("ema")
+                model = _frozen_denoiser(config, ema["model"] if ema else state["generator"], device)
+                k, tag = state["config"]["steps"], state["config"].get("tag")
+                fn = (lambda m: lambda z, c, n: generate(m, z, c, n))(model)
+                name = f"{method}{f' ({tag})' if tag else ''}"
+                unfinished = state["step"] < state["config"]["dmd_iterations"]
+                found.append(Row(name + (f" [update {state['step']}]" if unfinished else ""), k, k, fn, str(path)))
+        if found:
+            rows += found
+        else:
+            missing.append(f"{method}: missing (make it with `{command.format(preset=config['preset'])}`)")
+    return rows, missing
+
+
+# ----------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def samples_per_second(fn, n: int, device, repeats: int = 3) -> float:
+    """n / seconds of one call of fn, after a warm-up call, synchronised on CUDA; best of `repeats`."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return n / best
+
+
+def slug(row: Row) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in row.method).strip("_") + f"_{row.steps}"
+
+
+class ImageQuality:
+    """Frechet distance in the offline classifier's features (and Inception's, if asked), plus
+    the classifier's accuracy on class-conditional samples."""
+
+    def __init__(self, config: dict, device):
+        from data import load_cifar10, load_fashion_mnist
+        from image_metrics import CachedFrechet, load_classifier
+
+        self.classifier, self.info = load_classifier(config, device, config["classifier_steps"])
+        loader = {"fmnist": load_fashion_mnist, "cifar10": load_cifar10}[config["data"]]
+        real = loader(config.get("data_dir"))[0]
+        out = Path(config["out_dir"])
+        self.distances = {"fd_classifier": CachedFrechet("classifier", real, out / "reference_classifier.pt", device,
+                                                         self.classifier)}
+        if config["inception"]:
+            self.distances["fid_inception"] = CachedFrechet("inception", real, out / "reference_inception.pt", device)
+        self.config, self.device = config, device
+
+    def __call__(self, row: Row) -> dict:
+        from image_metrics import classifier_accuracy
+
+        n, batch = self.config["num_samples"], 250
+        g = torch.Generator().manual_seed(self.config["eval_seed"])
+        images, labels = [], torch.arange(n) % self.config["num_classes"]
+        for i in range(0, n, batch):
+            z = torch.randn(min(batch, n - i), self.config["in_ch"], 32, 32, generator=g).to(self.device)
+            images.append(row.sample(z, labels[i:i + batch].to(self.device), row.steps).float().clamp(-1, 1).cpu())
+        images = torch.cat(images)
+        result = {name: metric(images) for name, metric in self.distances.items()}
+        result["accuracy"] = classifier_accuracy(self.classifier, images, labels)
+        return result
+
+
+def evaluate_all(config: dict) -> dict:
+    device = pick_device(config["device"])
+    teacher = load_teacher(config, device, train_if_missing=False) if Path(config["teacher"]).exists() else None
+    if teacher is None:
+        raise UserError(f"no teacher at {config['teacher']}; train it with `python train_teacher.py --preset "
+                        f"{config['preset']}` (evaluate.py trains nothing)")
+    start = time.perf_counter()
+    rows, missing = find_rows(config, teacher, device)
+    toy = config["net"] == "mlp"
+    image_quality = None if toy else ImageQuality(config, device)
+    out = Path(config["out_dir"])
+    shape = (2,) if toy else (config["in_ch"], 32, 32)
+    g = torch.Generator().manual_seed(config["eval_seed"] + 2)
+    z_speed = torch.randn(config["speed_batch"], *shape, generator=g).to(device)  # the same batch for every method
+    c_speed = (torch.full((len(z_speed),), config["num_classes"]) if toy
+               else torch.arange(len(z_speed)) % config["num_classes"]).to(device)
+    for row in rows:
+        folder = out / "evaluation" / slug(row)
+        if toy:
+            row.metrics = evaluate_sampler(row.sample, {**config, "eval_samples": config["num_samples"]}, folder,
+                                           [row.steps], device, title=f"{row.method} ")[row.steps]
+        else:
+            row.metrics = image_quality(row)
+            save_image_grid(row.sample(z_speed[:80], c_speed[:80], row.steps), folder / "samples.png",
+                            nrow=config["num_classes"])
+        row.metrics["samples_per_s"] = samples_per_second(lambda r=row: r.sample(z_speed, c_speed, r.steps),
+                                                          len(z_speed), device)
+        print(f"  {row.method:<24} {row.steps:>4} steps  " + "  ".join(
+            f"{k} {v:.4g}" for k, v in row.metrics.items() if isinstance(v, float)))
+    seconds = time.perf_counter() - start
+    write_results(config, rows, missing, device, seconds, image_quality)
+    plot_quality(config, rows, out / "quality_vs_steps.png")
+    return {"rows": [{"method": r.method, "steps": r.steps, "calls": r.calls, "source": r.source, **r.metrics}
+                     for r in rows], "missing": missing, "seconds": seconds}
+
+
+# ----------------------------------------------------------------------------------------
+# The table and the plot
+# ----------------------------------------------------------------------------------------
+
+
+def write_results(config: dict, rows: list[Row], missing: list[str], device, seconds: float, image_quality) -> None:
+    toy = config["net"] == "mlp"
+    ref = next((r for r in rows if r.method == "teacher DDIM" and r.steps == 256), None)
+    ref_speed = ref.metrics["samples_per_s"] if ref else None
+    lines = [f"# Results: preset `{config['preset']}`", "",
+             f"Measured by `python evaluate.py --preset {config['preset']}` on {device_name(device)} in "
+             f"{seconds:.0f} s.", "",
+             f"Protocol: {config['num_samples']} samples per row from the shared evaluation noise "
+             f"(seed {config['eval_seed']}); " +
+             ("unconditional (null label); metrics against fresh data of the same size (seed 12345), "
+              "with its data-vs-data floor. " if toy else
+              "class-balanced labels; Frechet distance in the 128 features of this project's classifier "
+              f"(test accuracy {image_quality.info['test_accuracy']:.1%}; not comparable with Inception FID), and "
+              "its accuracy on the samples' requested classes. ") +
+             f"Speed: samples/s on one batch of {config['speed_batch']} for every method, after a warm-up, best of 3"
+             f"{', synchronised' if device.type == 'cuda' else ''}. Guided students at w = {config['guided_w']:g}.",
+             ""]
+    if toy:
+        lines += ["| method | steps | network calls / sample | off-mode | MMD | W2 | samples/s | "
+                  "speed vs teacher 256 |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            m = r.metrics
+            off = f"{m['off_mode']:.1%}" if "off_mode" in m else ""
+            lines.append(f"| {r.method} | {r.steps} | {r.calls} | {off} | {m['mmd']:.4f} | {m['w2']:.3f} | "
+                         f"{m['samples_per_s']:.0f} | {speed_ratio(m, ref_speed)} |")
+        floor = rows[0].metrics
+        lines += ["", f"Data-vs-data floor: MMD {floor['mmd_floor']:.4f}, W2 {floor['w2_floor']:.3f}" +
+                  (f", off-mode {floor['off_mode_floor']:.1%}" if "off_mode_floor" in floor else "") + "."]
+    else:
+        keys = [k for k in ("fd_classifier", "fid_inception") if k in rows[0].metrics]
+        head = " | ".join(f"{k} | {k} / teacher 256" for k in keys)
+        lines += [f"| method | steps | network calls / sample | {head} | class accuracy | samples/s | "
+                  "speed vs teacher 256 |", "|---|---|---|" + "---|" * (2 * len(keys)) + "---|---|---|"]
+        for r in rows:
+            cells = " | ".join(f"{r.metrics[k]:.2f} | " + (f"{r.metrics[k] / ref.metrics[k]:.2f}" if ref else "")
+                               for k in keys)
+            lines.append(f"| {r.method} | {r.steps} | {r.calls} | {cells} | {r.metrics['accuracy']:.1%} | "
+                         f"{r.metrics['samples_per_s']:.1f} | {speed_ratio(r.metrics, ref_speed)} |")
+    if missing:
+        lines += ["", "Missing:", ""] + [f"- {m}" for m in missing]
+    path = Path(config["out_dir"]) / "results.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(f"table: {path}")
+
+
+def speed_ratio(m: dict, ref_speed) -> str:
+    return f"{m['samples_per_s'] / ref_speed:.0f}x" if ref_speed else ""
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+    import platform
+
+    return f"{device.type} ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def plot_quality(config: dict, rows: list[Row], png: Path) -> None:
+    from matplotlib.figure import Figure
+
+    toy = config["net"] == "mlp"
+    keys = (["off_mode", "mmd"] if "off_mode" in rows[0].metrics else ["mmd"]) if toy else ["fd_classifier"]
+    fig = Figure(figsize=(5.2 * len(keys), 3.8))
+    for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
+        methods = dict.fromkeys(r.method for r in rows)
+        for i, method in enumerate(methods):
+            pts = sorted((r.calls, max(r.metrics[key], 1e-4)) for r in rows if r.method == method)
+            style = "o--" if method == "teacher DDIM" else ("s-" if len(pts) > 1 else "*")
+            ax.plot(*zip(*pts), style, color="0.3" if method == "teacher DDIM" else f"C{i}", label=method,
+                    ms=6 if len(pts) > 1 else 12)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("network calls per sample")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{config['preset']}: quality against network calls (evaluate.py)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main(argv=None) -> None:
+    config = parse_config(__doc__.split("\n\n")[0], EVAL_FIELDS, EVAL_PRESETS, argv=argv)
+    if config["num_samples"] < 2 or config["speed_batch"] < 1:
+        raise UserError("--num-samples must be at least 2 and --speed-batch at least 1")
+    result = evaluate_all(config)
+    print(f"{len(result['rows'])} rows, {len(result['missing'])} methods missing, {result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    run_cli(main)

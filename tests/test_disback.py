@@ -1,0 +1,109 @@
+"""DisBack: the recorded path, the backtracking schedule, N = 0 being DMD exactly, and a short
+run of both stages, each resumed after a kill."""
+
+import re
+
+import pytest
+import torch
+
+import disback
+import dmd
+from common import UserError
+from conftest import die_on_call, with_teacher
+from presets import config_for
+from train_teacher import load_teacher
+
+
+def disback_config(folder, teacher_folder, **overrides):
+    folder = with_teacher(folder, teacher_folder)
+    return {**config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500,
+                         eval_steps=[1, 2, 4, 8, 256], log_every=5, ckpt_every=10),
+            **disback.DISBACK_PRESETS["toy"], "dmd_iterations": 20, "eval_every": 10, "fake_updates": 2,
+            "reg_pairs": 512, "reg_steps": 16, "snapshots": 4, "record_iterations": 120, "record_lr": 1e-4,
+            "interval": 4,
+            **overrides}
+
+
+def test_schedule_starts_at_the_last_but_one_snapshot_and_ends_on_the_teacher():
+    n, interval = 5, 3
+    indices = [disback.snapshot_index(step, n, interval) for step in range(40)]
+    assert indices[:interval] == [n - 1] * interval  # s'_{N-1} first (the fake score starts from s'_N)
+    assert indices == sorted(indices, reverse=True) and min(indices) == 0  # walks back, never past the teacher
+    assert indices.index(0) == (n - 1) * interval and set(indices[(n - 1) * interval:]) == {0}
+    assert all(disback.snapshot_index(step, 0, interval) == 0 for step in range(10))  # no path: the teacher
+
+
+def test_recorded_path_starts_at_the_teacher_and_fits_the_initial_generator(tmp_path, toy_teacher):
+    config = disback_config(tmp_path, toy_teacher)
+    teacher = load_teacher(config, torch.device("cpu"), train_if_missing=False)
+    paths = disback.record_degradation(teacher, config, "cpu", tmp_path / "snapshots")
+    assert [p.name for p in paths] == ["snapshot_01.pt", "snapshot_02.pt", "snapshot_03.pt", "snapshot_04.pt"]
+    path = disback.BacktrackingPath(teacher, paths, interval=10)
+    assert path(10**6) is teacher  # s'_0 is the teacher itself, exactly
+    # the snapshots' denoising loss on G_0's samples (the same noise and times for each) falls along the path
+    g = torch.Generator().manual_seed(9)
+    z, c = torch.randn(4096, 2, generator=g), torch.full((4096,), 8)
+    x0 = dmd.generate(teacher, z, c, 1)  # G_0: the teacher at t = 1, the data mean for every z
+    losses = []
+    for j in range(len(paths) + 1):
+        score = teacher if j == 0 else disback.BacktrackingPath(teacher, paths, 1)(len(paths) - 1 - j)
+        torch.manual_seed(0)
+        losses.append(dmd.fake_score_loss(score, x0, c).item())
+    assert all(a > b for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.2 * losses[0], losses  # s'_N has learned G_0's distribution
+
+
+def test_no_snapshots_is_dmd_exactly(tmp_path, toy_teacher):
+    config = disback_config(tmp_path, toy_teacher, snapshots=0)
+    a = disback.train_disback(config)
+    b = dmd.train_dmd(config)
+    ga = torch.load(disback.disback_dir(config) / "checkpoint.pt", weights_only=False)["generator"]
+    gb = torch.load(dmd.run_dir(config) / "checkpoint.pt", weights_only=False)["generator"]
+    assert all(torch.equal(ga[k], gb[k]) for k in ga)
+    assert a["final"]["mmd"] == b["final"]["mmd"]
+    # with the DMD run present, the comparison is filled in (both identical: both reach the target together)
+    assert a["comparison"] == {} or a["comparison"]["updates_to_target"]["DMD"] is not None
+    again = disback.train_disback(config, resume=True)
+    assert again["comparison"]["updates_to_target"]["DMD"] == again["comparison"]["updates_to_target"]["DisBack"]
+
+
+def test_both_stages_resume_exactly(tmp_path, toy_teacher, monkeypatch):
+    whole = disback_config(tmp_path / "whole", toy_teacher)
+    metrics = disback.train_disback(whole)
+    out = disback.disback_dir(whole)
+    assert metrics["teacher_reached_at"] == 3 * 4 and (out / "snapshots" / "record_losses.json").is_file()
+    assert not (out / "snapshots" / "record_progress.pt").exists()
+
+    part = disback_config(tmp_path / "part", toy_teacher)
+    die_on_call(monkeypatch, disback, "fake_score_loss", 75)  # stage 1, after snapshot 2 (update 60)
+    with pytest.raises(KeyboardInterrupt):
+        disback.train_disback(part)
+    monkeypatch.undo()
+    assert len(list((disback.disback_dir(part) / "snapshots").glob("snapshot_*.pt"))) == 2
+    with pytest.raises(UserError, match="pass --resume"):
+        disback.train_disback(part)
+    die_on_call(monkeypatch, dmd, "dmd_generator_loss", 15)  # stage 2, after the checkpoint at 10
+    with pytest.raises(KeyboardInterrupt):
+        disback.train_disback(part, resume=True)
+    monkeypatch.undo()
+    torch.manual_seed(5)
+    resumed = disback.train_disback(part, resume=True)
+    for name in ["snapshots/snapshot_02.pt", "snapshots/snapshot_04.pt", "checkpoint.pt"]:
+        a = torch.load(out / name, weights_only=False)
+        b = torch.load(disback.disback_dir(part) / name, weights_only=False)
+        for key in ("model",) if "snapshot" in name else ("generator", "fake_score"):
+            assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), (name, key)
+    assert resumed["final"]["mmd"] == metrics["final"]["mmd"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--snapshots", "-1"], "--snapshots must be >= 0"),
+    (["--interval", "0"], "--interval must be at least 1"),
+    (["--snapshots", "10", "--record-iterations", "5"], "cannot hold 10 snapshots"),
+    (["--real-guidance", "2"], "use --real-guidance 0"),
+    (["--steps", "0"], "--steps must be at least 1"),
+])
+def test_bad_input_is_refused_before_any_work(args, message, tmp_path):
+    with pytest.raises(UserError, match=re.escape(message)):
+        disback.main(["--preset", "toy", *args, "--out-dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())

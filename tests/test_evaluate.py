@@ -1,0 +1,81 @@
+"""evaluate.py: the Frechet distance, the offline classifier on real Fashion-MNIST, and the whole
+command on a toy run with two tiny students."""
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import dmd
+import evaluate
+import progressive_distill as pd
+from common import read_json
+from conftest import with_teacher
+from data import DEBIAN_FASHION_MNIST, load_fashion_mnist
+from image_metrics import classifier_accuracy, frechet_distance, train_classifier
+from presets import config_for
+
+pytest.importorskip("torchmetrics")
+
+
+def test_frechet_distance_is_zero_on_itself_and_grows_with_a_mean_shift():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2000, 16, generator=g) @ torch.randn(16, 16, generator=g)
+    assert abs(frechet_distance(a, a)) < 1e-6
+    shifts = [frechet_distance(a, a + s) for s in (0.5, 1.0, 2.0)]
+    # with equal covariances the distance is exactly ||shift||^2 = 16 s^2
+    assert shifts == sorted(shifts) and abs(shifts[1] - 16.0) < 1e-3, shifts
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_offline_classifier_learns_fashion_mnist_in_seconds():
+    x_train, y_train = load_fashion_mnist(None)
+    x_test, y_test = load_fashion_mnist(None, train=False)
+    start = time.perf_counter()
+    model = train_classifier(x_train[:5000], y_train[:5000], steps=300, device="cpu", batch_size=64)
+    seconds = time.perf_counter() - start
+    accuracy = classifier_accuracy(model, x_test[:2000], y_test[:2000])
+    assert accuracy > 0.70, accuracy  # measured 0.75-0.78 with 300 steps of batch 64 on 5000 images
+    assert seconds < 60, seconds
+    assert model.features(x_test[:4].float() / 127.5 - 1).shape == (4, 128)
+
+
+def tiny_config(folder, teacher_folder, **overrides):
+    folder = with_teacher(folder, teacher_folder)
+    return {**config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500,
+                         eval_steps=[1, 2, 4, 8, 256]), **overrides}
+
+
+def test_the_command_makes_the_table_and_plot_and_agrees_with_the_students(tmp_path, toy_teacher):
+    base = tiny_config(tmp_path, toy_teacher)
+    pd_metrics = pd.progressive_distillation({**base, **pd.PD_PRESETS["toy"], "start_steps": 4, "to_steps": 2,
+                                              "round_iterations": 20})
+    dmd_metrics = dmd.train_dmd({**base, **dmd.DMD_PRESETS["toy"], "dmd_iterations": 10, "eval_every": 10,
+                                 "fake_updates": 1, "reg_pairs": 256, "reg_steps": 8})
+    config = {**base, **evaluate.EVAL_PRESETS["toy"], "num_samples": 500, "speed_batch": 256,
+              "teacher_steps": [1, 4, 256]}
+    result = evaluate.evaluate_all(config)
+
+    rows = {(r["method"], r["steps"]): r for r in result["rows"]}
+    assert set(rows) == {("teacher DDIM", 1), ("teacher DDIM", 4), ("teacher DDIM", 256), ("PD", 2), ("DMD", 1)}
+    for key in ("off_mode", "mmd", "w2"):  # the same seeds give the scripts' own numbers
+        assert rows[("PD", 2)][key] == pd_metrics["students"]["2"][key]
+        assert rows[("DMD", 1)][key] == dmd_metrics["final"][key]
+        assert rows[("teacher DDIM", 4)][key] == read_json(Path(toy_teacher) / "teacher" / "metrics.json")[
+            "ddim"]["4"][key]
+    assert rows[("PD", 2)]["calls"] == 2 and rows[("DMD", 1)]["calls"] == 1
+    # a one-step sampler is far faster than 256 teacher steps on the same batch
+    assert rows[("DMD", 1)]["samples_per_s"] > 20 * rows[("teacher DDIM", 256)]["samples_per_s"]
+
+    table = (tmp_path / "results.md").read_text()
+    assert "| PD | 2 | 2 |" in table and "| DMD | 1 | 1 |" in table and "500 samples per row" in table
+    assert "guided: missing (make it with `python guided_distill.py --preset toy`)" in table
+    assert "DisBack: missing" in table
+    assert (tmp_path / "quality_vs_steps.png").is_file()
+    assert (tmp_path / "evaluation" / "PD_2" / "samples_2.npz").is_file()
+
+
+def test_without_a_teacher_it_says_what_to_run(tmp_path):
+    with pytest.raises(evaluate.UserError, match="python train_teacher.py --preset toy"):
+        evaluate.main(["--preset", "toy", "--out-dir", str(tmp_path)])
