@@ -54,7 +54,7 @@ DISBACK_FIELDS = {
 }
 DISBACK_PRESETS = {
     # The official code: about 1000 recording updates, a snapshot every 100. Toy: the teacher is
-    # reached after 9 x 100 of DMD's 3000 generator updates.
+    # reached after 9 x 100 of DMD's 4000 generator updates.
     "toy": {**DMD_PRESETS["toy"], "snapshots": 10, "record_iterations": 1000, "record_lr": 1e-5, "interval": 100},
     "fmnist": {**DMD_PRESETS["fmnist"], "snapshots": 10, "record_iterations": 1000, "record_lr": 5e-5,
                "interval": 500},

@@ -107,7 +107,7 @@ def save_samples(path, points, labels) -> None:
 
 def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: str = "") -> dict:
     """Sample with `sample(z, labels, steps) -> x` at each step count, on the noise every
-    script shares (seeded by `eval_seed`), and measure.
+    script shares (seeded by `eval_seed`; any noise the sampler draws itself is seeded too), and measure.
 
     Toy data: unconditional samples (null label), `toy_metrics`, `samples_<steps>.npz`, and
     one scatter picture `samples.png`. Images: a class-conditional grid `samples_<steps>.png`.
@@ -129,7 +129,12 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
     labels = labels.to(device)
     results, panels = {}, {}
     for steps in steps_list:
-        x = sample(z, labels, steps).float().cpu()
+        # Samplers that draw fresh noise between steps (DMD2's multi-step generator) draw it from the
+        # global RNG: seed it here, and give it back afterwards, so the numbers do not depend on the caller.
+        cuda = torch.device(device).type == "cuda"
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+            torch.manual_seed(config["eval_seed"] + steps)
+            x = sample(z, labels, steps).float().cpu()
         if toy:
             dataset = toy_dataset(config["data"])
             results[steps] = toy_metrics(x.numpy(), dataset)

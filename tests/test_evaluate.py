@@ -79,3 +79,29 @@ def test_the_command_makes_the_table_and_plot_and_agrees_with_the_students(tmp_p
 def test_without_a_teacher_it_says_what_to_run(tmp_path):
     with pytest.raises(evaluate.UserError, match="python train_teacher.py --preset toy"):
         evaluate.main(["--preset", "toy", "--out-dir", str(tmp_path)])
+
+
+def test_image_path_with_the_offline_classifier(tmp_path):
+    # A tiny UNet teacher and one PD round on a fake CIFAR-10: the table's image columns and the caches.
+    from test_data import write_fake_cifar
+
+    write_fake_cifar(tmp_path / "data", n_per_batch=8)
+    config = {**config_for("cifar10", out_dir=str(tmp_path), device="cpu", data_dir=str(tmp_path / "data"),
+                           channels=16, ch_mult=[1, 2], num_res_blocks=1, batch_size=4, iterations=4,
+                           eval_samples=4, eval_steps=[2], sample_every=2, log_every=2, ckpt_every=2),
+              **pd.PD_PRESETS["cifar10"], "start_steps": 2, "to_steps": 1, "round_iterations": 2, "pd_batch_size": 4}
+    pd.progressive_distillation(config)
+    config = {**config, **evaluate.EVAL_PRESETS["cifar10"], "num_samples": 20, "speed_batch": 4,
+              "teacher_steps": [1, 2], "classifier_steps": 5, "inception": False}
+    result = evaluate.evaluate_all(config)
+    rows = {(r["method"], r["steps"]): r for r in result["rows"]}
+    assert set(rows) == {("teacher DDIM", 1), ("teacher DDIM", 2), ("PD", 1)}
+    for row in rows.values():
+        assert row["fd_classifier"] >= 0 and 0 <= row["accuracy"] <= 1
+    table = (tmp_path / "results.md").read_text()
+    assert "| fd_classifier | fd_classifier / teacher 256 |" in table and "not comparable with Inception FID" in table
+    cache = tmp_path / "reference_classifier.pt"
+    stamp = cache.stat().st_mtime_ns
+    again = evaluate.evaluate_all(config)  # the classifier and the reference statistics come from the caches
+    assert cache.stat().st_mtime_ns == stamp and (tmp_path / "feature_classifier.pt").is_file()
+    assert [r["fd_classifier"] for r in again["rows"]] == [r["fd_classifier"] for r in result["rows"]]
