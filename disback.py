@@ -27,7 +27,7 @@ Deliberate differences from the paper:
   loading silently matched no keys (a reviewer's finding); this follows the paper instead.
 
     python disback.py --steps 1                  # toy: teacher if missing, record the path, backtrack
-    python disback.py --steps 1 --snapshots 0    # no path: plain DMD (same seed, same result)
+    python disback.py --steps 1 --snapshots 0 --tag nopath   # no path: plain DMD (same seed, same result)
     python disback.py --steps 1 --resume         # either stage
 """
 
@@ -67,9 +67,10 @@ def check_disback(config: dict) -> None:
     check_config(config)
     if config["snapshots"] < 0:
         raise UserError(f"--snapshots must be >= 0 (0: plain DMD), got {config['snapshots']}")
-    if config["snapshots"] > 0 and config["record_iterations"] < config["snapshots"]:
+    if config["snapshots"] > 0 and (config["record_iterations"] < config["snapshots"]
+                                    or config["record_iterations"] % config["snapshots"]):
         raise UserError(f"--record-iterations {config['record_iterations']} cannot hold {config['snapshots']} "
-                        "snapshots; give at least one update per snapshot")
+                        "snapshots evenly; give a multiple of --snapshots")
     if config["interval"] < 1:
         raise UserError(f"--interval must be at least 1, got {config['interval']}")
     if config["real_guidance"] > 0:
@@ -91,6 +92,13 @@ def record_degradation(teacher, config: dict, device, folder: Path) -> list[Path
     of s'_1..s'_N; a run killed in between resumes from the last snapshot."""
     n, iterations = config["snapshots"], config["record_iterations"]
     paths = [folder / f"snapshot_{i:02d}.pt" for i in range(1, n + 1)]
+    keys = ("snapshots", "record_iterations", "record_lr", "steps", "seed", "dmd_batch_size")
+    for p in folder.glob("snapshot_*.pt"):  # a path recorded with other settings is not this run's
+        saved = load_checkpoint(p, "DisBack snapshot")["config"]
+        if any(saved.get(k) != config[k] for k in keys):
+            raise UserError(f"{folder} holds a path recorded with other settings "
+                            f"({', '.join(f'{k}={saved.get(k)}' for k in keys if saved.get(k) != config[k])}); "
+                            "pass --tag for a new run folder, or delete it")
     if all(p.exists() for p in paths):
         return paths
     every = iterations // n
@@ -193,7 +201,8 @@ def compare_with_dmd(config: dict, metrics: dict) -> dict:
     reached = {name: next((h["step"] for h in hist if h[key] <= target), None) for name, hist in curves.items()}
     plot_convergence(curves, key, metrics["teacher_reached_at"], disback_dir(config) / "convergence_vs_dmd.png")
     return {"metric": key, "target": target, "updates_to_target": reached,
-            "final": {name: hist[-1][key] for name, hist in curves.items()}}
+            "final": {name: hist[-1][key] for name, hist in curves.items()},
+            "disback_recording_updates": config["record_iterations"] if config["snapshots"] else 0}
 
 
 def plot_convergence(curves: dict, key: str, teacher_reached_at: int, png: Path) -> None:

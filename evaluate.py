@@ -10,7 +10,9 @@ at the step counts it supports on the shared evaluation noise, and writes
 
 It trains nothing: a method without a checkpoint is listed as missing, with the command that
 makes it. Toy rows use `metrics.toy_metrics` on the same noise as the scripts' own metrics.json,
-so the numbers are the same. Image rows use the Frechet distance in the feature space of a
+so the numbers are the same. Guided students are the exception: their script measures them
+against the guided teacher, this table against the data, at `--guided-w` (default 0) with
+class-balanced labels. Image rows use the Frechet distance in the feature space of a
 small classifier trained once per data set (`image_metrics.py`; not comparable with Inception
 FID), that classifier's accuracy on class-conditional samples, and with `--inception`
 torchmetrics' Inception FID. Speed: samples/s on one batch of `--speed-batch` for every
@@ -84,30 +86,51 @@ def _frozen_denoiser(config: dict, weights: dict, device, w_embedding: bool = Fa
     return model.to(device).eval().requires_grad_(False)
 
 
-def find_rows(config: dict, teacher: Denoiser, device) -> tuple[list[Row], list[str]]:
-    """Every sampler there is, and the methods that have no checkpoint yet."""
-    from dmd import generate
+def ddim_sampler(model):
+    return lambda z, c, n: ddim_sample(model, z, n, c)
+
+
+def guided_sampler(model, w: float, config: dict):
+    """Class-balanced labels at w: w = 0 is the conditional model, whose class mixture is the data."""
     from guided_distill import labels_for, sample
 
+    return lambda z, c, n: sample(model, z, labels_for(len(z), config, z.device), w, n)
+
+
+def generator_sampler(model):
+    from dmd import generate
+
+    return lambda z, c, n: generate(model, z, c, n)
+
+
+def find_rows(config: dict, teacher: Denoiser, device) -> tuple[list[Row], list[str]]:
+    """Every sampler there is, and the methods that have no checkpoint yet."""
     out = Path(config["out_dir"])
-    rows = [Row("teacher DDIM", n, n, lambda z, c, n: ddim_sample(teacher, z, n, c), config["teacher"])
+    rows = [Row("teacher DDIM", n, n, ddim_sampler(teacher), config["teacher"])
             for n in config["teacher_steps"]]
     missing = []
     for method, (pattern, command) in METHODS.items():
         found = []
         if method in ("PD", "guided"):
-            for path in sorted((out / pattern).glob("student_*.pt"), key=lambda p: int(p.stem.split("_")[1])):
-                state = load_checkpoint(path, f"{method} student")
-                check_compatible(state["config"], config, TEACHER_KEYS, f"{method} student", path)
-                model = _frozen_denoiser(config, state["model"], device, w_embedding=method == "guided")
-                n = state["steps"]
-                if method == "PD":
-                    fn = (lambda m: lambda z, c, n: ddim_sample(m, z, n, c))(model)
-                else:  # class-balanced labels at guided_w: w = 0 is the conditional model, the data's distribution
-                    fn = (lambda m: lambda z, c, n: sample(m, z, labels_for(len(z), config, z.device),
-                                                           config["guided_w"], n))(model)
-                name = method if method == "PD" else f"guided (w = {config['guided_w']:g})"
-                found.append(Row(name, n, n, fn, str(path)))
+            for folder in sorted(out.glob(pattern + ("*" if method == "guided" else ""))):
+                paths = sorted(folder.glob("student_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+                for path in paths:
+                    state = load_checkpoint(path, f"{method} student")
+                    check_compatible(state["config"], config, TEACHER_KEYS, f"{method} student", path)
+                    n, trained = state["steps"], state["config"]
+                    if method == "PD":
+                        model = _frozen_denoiser(config, state["model"], device)
+                        found.append(Row("PD", n, n, ddim_sampler(model), str(path)))
+                        continue
+                    w = config["guided_w"]
+                    if not trained["w_min"] <= w <= trained["w_max"]:
+                        missing.append(f"{folder.name}: trained for w in [{trained['w_min']:g}, {trained['w_max']:g}]"
+                                       f", not --guided-w {w:g}")
+                        break
+                    model = _frozen_denoiser(config, state["model"], device, w_embedding=True)
+                    fn = guided_sampler(model, w, config)
+                    single = "" if trained.get("single_w") is None else ", single-w"
+                    found.append(Row(f"guided (w = {w:g}{single})", n, n, fn, str(path)))
         else:
             for folder in sorted(out.glob(pattern)):
                 path = folder / "checkpoint.pt"
@@ -118,13 +141,13 @@ def find_rows(config: dict, teacher: Denoiser, device) -> tuple[list[Row], list[
                 ema = state.get("ema")
                 model = _frozen_denoiser(config, ema["model"] if ema else state["generator"], device)
                 k, tag = state["config"]["steps"], state["config"].get("tag")
-                fn = (lambda m: lambda z, c, n: generate(m, z, c, n))(model)
+                fn = generator_sampler(model)
                 name = f"{method}{f' ({tag})' if tag else ''}"
                 unfinished = state["step"] < state["config"]["dmd_iterations"]
                 found.append(Row(name + (f" [update {state['step']}]" if unfinished else ""), k, k, fn, str(path)))
         if found:
             rows += found
-        else:
+        elif not any(m.startswith(pattern) for m in missing):
             missing.append(f"{method}: missing (make it with `{command.format(preset=config['preset'])}`)")
     return rows, missing
 
@@ -167,9 +190,10 @@ class ImageQuality:
         real = loader(config.get("data_dir"))[0]
         out = Path(config["out_dir"])
         self.distances = {"fd_classifier": CachedFrechet("classifier", real, out / "reference_classifier.pt", device,
-                                                         self.classifier)}
+                                                         self.classifier, made_by={**self.info, "n_real": len(real)})}
         if config["inception"]:
-            self.distances["fid_inception"] = CachedFrechet("inception", real, out / "reference_inception.pt", device)
+            self.distances["fid_inception"] = CachedFrechet("inception", real, out / "reference_inception.pt", device,
+                                                            made_by={"n_real": len(real)})
         self.config, self.device = config, device
 
     def __call__(self, row: Row) -> dict:
@@ -178,9 +202,11 @@ class ImageQuality:
         n, batch = self.config["num_samples"], 250
         g = torch.Generator().manual_seed(self.config["eval_seed"])
         images, labels = [], torch.arange(n) % self.config["num_classes"]
-        for i in range(0, n, batch):
-            z = torch.randn(min(batch, n - i), self.config["in_ch"], 32, 32, generator=g).to(self.device)
-            images.append(row.sample(z, labels[i:i + batch].to(self.device), row.steps).float().clamp(-1, 1).cpu())
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.config["eval_seed"])  # noise a sampler draws itself (DMD2's multi-step) too
+            for i in range(0, n, batch):
+                z = torch.randn(min(batch, n - i), self.config["in_ch"], 32, 32, generator=g).to(self.device)
+                images.append(row.sample(z, labels[i:i + batch].to(self.device), row.steps).float().clamp(-1, 1).cpu())
         images = torch.cat(images)
         result = {name: metric(images) for name, metric in self.distances.items()}
         result["accuracy"] = classifier_accuracy(self.classifier, images, labels)

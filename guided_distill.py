@@ -295,7 +295,7 @@ def guided_distillation(config: dict, resume: bool = False) -> dict:
     metrics = read_json(metrics_path) if resume else {}
     metrics.update({"preset": config["preset"], "w_min": config["w_min"], "w_max": config["w_max"],
                     "single_w": config["single_w"], "reference_steps": REFERENCE_STEPS})
-    evaluator = Evaluator(teacher, config, device, out)
+    evaluator = Evaluator(teacher, config, device, out, resume)
     log = LogWriter(out / "log.jsonl", resume=resume)
 
     path = out / "stage1.pt"
@@ -308,7 +308,7 @@ def guided_distillation(config: dict, resume: bool = False) -> dict:
                                "model": student.state_dict(), "round_time_s": time.perf_counter() - start})
         (out / "progress.pt").unlink(missing_ok=True)
     if "stage1" not in metrics:
-        metrics["stage1"] = {**evaluator(student, config["start_steps"], samplers=("ddim",)),
+        metrics["stage1"] = {**evaluator(student, config["start_steps"], samplers=("ddim",), folder="stage1"),
                              "time_s": round(load_checkpoint(path)["round_time_s"], 1)}
         write_json(metrics_path, metrics)
 
@@ -344,7 +344,7 @@ class Evaluator:
     measures it against the guided teacher's 256-step DDIM at that w (with that sampler's floor:
     a second draw of it). Also measures the guided teacher's own DDIM at the student's step count."""
 
-    def __init__(self, teacher: Denoiser, config: dict, device, out: Path):
+    def __init__(self, teacher: Denoiser, config: dict, device, out: Path, resume: bool = False):
         self.teacher, self.config, self.device, self.out = teacher, config, device, out
         self.toy = config["net"] == "mlp"
         n = config["eval_samples"] if self.toy else 2 * config["num_classes"]
@@ -354,7 +354,7 @@ class Evaluator:
         self.labels = labels_for(n, config, device)
         self.mixture = toy_dataset(config["data"]) if config["data"] == "gaussians8" else None
         self.references = {}
-        self.teacher_rows = read_json(out / "metrics.json").get("teacher", {})  # rows measured before a resume
+        self.teacher_rows = read_json(out / "metrics.json").get("teacher", {}) if resume else {}  # before a resume
 
     def guided_teacher(self, w: float, z: torch.Tensor, steps: int) -> torch.Tensor:
         return ddim_sample(guided(self.teacher, w, self.teacher.null_label), z, steps, self.labels).float().cpu()
@@ -375,8 +375,10 @@ class Evaluator:
         ref, ref2 = self.reference(w)
         return reference_metrics(x.numpy(), ref.numpy(), ref2.numpy(), self.mixture)
 
-    def __call__(self, student: Denoiser, steps: int, samplers=SAMPLERS) -> dict:
+    def __call__(self, student: Denoiser, steps: int, samplers=SAMPLERS, folder: str | None = None) -> dict:
         ws = [w for w in self.config["eval_ws"] if self.config["w_min"] <= w <= self.config["w_max"]]
+        if self.config["single_w"] is not None:
+            ws = [self.config["single_w"]]  # the single-w baseline is measured at its own w
         results, panels = {sampler: {} for sampler in samplers}, {}
         for w in ws:
             if str(steps) not in self.teacher_rows.get(f"{w:g}", {}):
@@ -389,12 +391,12 @@ class Evaluator:
                 if self.toy:
                     panels[f"w = {w:g}, {sampler}"] = x
                 else:
-                    save_image_grid(x, self.out / f"student_{steps}" / f"w{w:g}_{sampler}.png",
+                    save_image_grid(x, self.out / (folder or f"student_{steps}") / f"w{w:g}_{sampler}.png",
                                     nrow=self.config["num_classes"])
             if self.toy:
                 panels[f"w = {w:g}, guided teacher {REFERENCE_STEPS}"] = self.reference(w)[0]
         if self.toy:
-            save_scatter(panels, self.out / f"student_{steps}" / "samples.png", ncols=len(samplers) + 1)
+            save_scatter(panels, self.out / (folder or f"student_{steps}") / "samples.png", ncols=len(samplers) + 1)
         return results
 
 

@@ -90,8 +90,8 @@ def load_classifier(config: dict, device, steps: int) -> tuple[FeatureClassifier
     from data import load_cifar10, load_fashion_mnist
 
     path = Path(config["out_dir"]) / "feature_classifier.pt"
-    if path.exists():
-        state = load_checkpoint(path, "feature classifier")
+    state = load_checkpoint(path, "feature classifier") if path.exists() else None
+    if state is not None and state["info"]["steps"] == steps:  # trained with these settings: reuse it
         model = FeatureClassifier(config["in_ch"])
         model.load_state_dict(state["model"])
         return model.to(device).eval().requires_grad_(False), state["info"]
@@ -99,7 +99,7 @@ def load_classifier(config: dict, device, steps: int) -> tuple[FeatureClassifier
     x_train, y_train = loader(config.get("data_dir"))
     x_test, y_test = loader(config.get("data_dir"), train=False)
     model = train_classifier(x_train, y_train, steps, device, seed=config["seed"])
-    info = {"steps": steps, "test_accuracy": classifier_accuracy(model, x_test, y_test)}
+    info = {"steps": steps, "seed": config["seed"], "test_accuracy": classifier_accuracy(model, x_test, y_test)}
     save_checkpoint(path, {"model": model.state_dict(), "info": info})
     return model, info
 
@@ -135,32 +135,33 @@ class CachedFrechet:
     (torchmetrics' Inception v3, 2048 features; needs torch-fidelity and its downloaded weights).
     """
 
-    def __init__(self, feature: str, real_images, cache: Path, device, classifier: FeatureClassifier | None = None):
+    def __init__(self, feature: str, real_images, cache: Path, device, classifier: FeatureClassifier | None = None,
+                 made_by: dict | None = None):
         FID = _fid_class()
         if feature == "classifier":
             extractor = _Features(lambda x: classifier.features(to_unit(x).to(device)).cpu(), 128)
             self.metric = FID(feature=extractor, reset_real_features=False)
         else:
             try:
-                self.metric = FID(feature=2048, normalize=True, reset_real_features=False)
+                self.metric = FID(feature=2048, normalize=True, reset_real_features=False).to(device)
             except Exception as e:
                 raise UserError(f"Inception FID is unavailable ({type(e).__name__}: {str(e)[:80]}); it needs "
-                                "`pip install torch-fidelity` and a download of its weights. Leave out "
-                                "--inception: the offline classifier distance is always reported") from None
-        self.feature = feature
+                                "`pip install torch-fidelity` and a download of its weights. Pass "
+                                "--no-inception: the offline classifier distance is always reported") from None
+        self.feature, self.device = feature, device
         keys = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
-        if cache.exists():
-            saved = load_checkpoint(cache, "cached reference statistics")
+        saved = load_checkpoint(cache, "cached reference statistics") if cache.exists() else None
+        if saved is not None and saved.get("made_by") == made_by:  # the same feature network, the same real set
             for k in keys:
-                setattr(self.metric, k, saved[k])
+                setattr(self.metric, k, saved[k].to(getattr(self.metric, k).device))
         else:
             for i in progress(range(0, len(real_images), 500), f"reference statistics ({feature})"):
                 self.metric.update(self._prepare(real_images[i:i + 500]), real=True)
-            save_checkpoint(cache, {k: getattr(self.metric, k) for k in keys})
+            save_checkpoint(cache, {"made_by": made_by, **{k: getattr(self.metric, k).cpu() for k in keys}})
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        if self.feature == "inception":  # [0, 1], three channels
-            x = (to_unit(images) + 1) / 2
+        if self.feature == "inception":  # [0, 1], three channels, on the metric's device
+            x = ((to_unit(images) + 1) / 2).to(self.device)
             return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         return images
 

@@ -51,6 +51,9 @@ def test_recorded_path_starts_at_the_teacher_and_fits_the_initial_generator(tmp_
         losses.append(dmd.fake_score_loss(score, x0, c).item())
     assert all(a > b for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.2 * losses[0], losses  # s'_N has learned G_0's distribution
+    # a path recorded with other settings is refused, not silently reused
+    with pytest.raises(UserError, match="recorded with other settings .*record_lr=0.0001"):
+        disback.record_degradation(teacher, {**config, "record_lr": 1e-5}, "cpu", tmp_path / "snapshots")
 
 
 def test_no_snapshots_is_dmd_exactly(tmp_path, toy_teacher):
@@ -100,6 +103,7 @@ def test_both_stages_resume_exactly(tmp_path, toy_teacher, monkeypatch):
     (["--snapshots", "-1"], "--snapshots must be >= 0"),
     (["--interval", "0"], "--interval must be at least 1"),
     (["--snapshots", "10", "--record-iterations", "5"], "cannot hold 10 snapshots"),
+    (["--snapshots", "3", "--record-iterations", "1000"], "cannot hold 3 snapshots evenly"),
     (["--real-guidance", "2"], "use --real-guidance 0"),
     (["--steps", "0"], "--steps must be at least 1"),
 ])
