@@ -33,7 +33,8 @@ Deliberate differences from the papers:
   with weight 4, lr 4e-3 and 4000 updates, tuned there (README); the cifar10 preset keeps the paper's values.
 
     python dmd.py --steps 1                      # toy on the CPU: teacher first if missing
-    python dmd.py --steps 4                      # DMD2's multi-step generator
+    python dmd.py --steps 4 --gen-lr 1e-3 --fake-lr 1e-3 --dmd-iterations 3000   # DMD2's multi-step
+                                                 # generator (the toy default lr 4e-3 is too high for it)
     python dmd.py --steps 1 --reg-weight 0       # distribution matching alone
     python dmd.py --steps 1 --resume
 """
