@@ -204,6 +204,17 @@ class Denoiser(nn.Module):
         return x_from_v(z_t, v_hat, t)  # x_hat = alpha_t z_t - sigma_t v_hat
 
 
+def frozen_denoiser(config: dict, weights: dict, device, w_embedding: bool = False) -> Denoiser:
+    """A saved denoiser rebuilt from its config and weights, frozen (eval mode, no grads);
+    `w_embedding` for guided distillation's w-conditioned students."""
+    net = build_network(config)
+    if w_embedding:
+        net.enable_w_embedding()
+    model = Denoiser(net)
+    model.load_state_dict(weights)
+    return model.to(device).eval().requires_grad_(False)
+
+
 def trainable_copy(teacher: nn.Module) -> nn.Module:
     """A student (or generator, or fake score) starts as a copy of its teacher, in train mode
     with gradients on and dropout off: every distillation method trains without dropout."""

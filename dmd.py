@@ -54,7 +54,7 @@ from common import (EMA, UserError, ddim_sample, diffuse, diffusion_loss, guided
 from metrics import evaluate_sampler
 from presets import parse_config
 from train_teacher import load_teacher, teacher_dir
-from training import LogWriter, autocast, progress
+from training import LogWriter, autocast, progress, samples_per_second
 
 DMD_FIELDS = {
     "steps": (int, "generator steps K: 1 is DMD's one-step generator, 2 or 4 DMD2's multi-step one"),
@@ -437,20 +437,10 @@ def sampling_speed(sampler, config: dict, device, teacher_steps: int = 256) -> d
     z = torch.randn(n, *shape, device=device)
     labels = torch.full((n,), config["num_classes"], device=device)
 
-    def rate(fn):
-        fn()  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return n / (time.perf_counter() - t0)
-
     sampler.eval()
-    gen = rate(lambda: generate(sampler, z, labels, config["steps"]))
+    gen = samples_per_second(lambda: generate(sampler, z, labels, config["steps"]), n, device)
     sampler.train()
-    ddim = rate(lambda: ddim_sample(teacher, z, teacher_steps, labels))
+    ddim = samples_per_second(lambda: ddim_sample(teacher, z, teacher_steps, labels), n, device)
     return {"batch": n, "generator": round(gen, 1), f"teacher_ddim_{teacher_steps}": round(ddim, 1),
             "speedup": round(gen / ddim, 1)}
 

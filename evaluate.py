@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-from common import (Denoiser, UserError, check_compatible, ddim_sample, load_checkpoint, pick_device, run_cli,
-                    save_image_grid)
+from common import (Denoiser, UserError, check_compatible, ddim_sample, frozen_denoiser, load_checkpoint, pick_device,
+                    run_cli, save_image_grid)
 from metrics import evaluate_sampler
-from networks import build_network
 from presets import TEACHER_KEYS, parse_config
 from train_teacher import load_teacher
+from training import samples_per_second, seeded_rng
 
 EVAL_FIELDS = {
     "num_samples": (int, "samples per row (toy: the scripts' eval_samples, so the numbers match theirs)"),
@@ -77,15 +77,6 @@ class Row:
 # ----------------------------------------------------------------------------------------
 
 
-def _frozen_denoiser(config: dict, weights: dict, device, w_embedding: bool = False) -> Denoiser:
-    net = build_network(config)
-    if w_embedding:
-        net.enable_w_embedding()
-    model = Denoiser(net)
-    model.load_state_dict(weights)
-    return model.to(device).eval().requires_grad_(False)
-
-
 def ddim_sampler(model):
     return lambda z, c, n: ddim_sample(model, z, n, c)
 
@@ -119,7 +110,7 @@ def find_rows(config: dict, teacher: Denoiser, device) -> tuple[list[Row], list[
                     check_compatible(state["config"], config, TEACHER_KEYS, f"{method} student", path)
                     n, trained = state["steps"], state["config"]
                     if method == "PD":
-                        model = _frozen_denoiser(config, state["model"], device)
+                        model = frozen_denoiser(config, state["model"], device)
                         found.append(Row("PD", n, n, ddim_sampler(model), str(path)))
                         continue
                     w = config["guided_w"]
@@ -127,7 +118,7 @@ def find_rows(config: dict, teacher: Denoiser, device) -> tuple[list[Row], list[
                         missing.append(f"{folder.name}: trained for w in [{trained['w_min']:g}, {trained['w_max']:g}]"
                                        f", not --guided-w {w:g}")
                         break
-                    model = _frozen_denoiser(config, state["model"], device, w_embedding=True)
+                    model = frozen_denoiser(config, state["model"], device, w_embedding=True)
                     fn = guided_sampler(model, w, config)
                     single = "" if trained.get("single_w") is None else ", single-w"
                     found.append(Row(f"guided (w = {w:g}{single})", n, n, fn, str(path)))
@@ -139,7 +130,7 @@ def find_rows(config: dict, teacher: Denoiser, device) -> tuple[list[Row], list[
                 state = load_checkpoint(path, f"{method} checkpoint")
                 check_compatible(state["config"], config, TEACHER_KEYS, f"{method} checkpoint", path)
                 ema = state.get("ema")
-                model = _frozen_denoiser(config, ema["model"] if ema else state["generator"], device)
+                model = frozen_denoiser(config, ema["model"] if ema else state["generator"], device)
                 k, tag = state["config"]["steps"], state["config"].get("tag")
                 fn = generator_sampler(model)
                 name = f"{method}{f' ({tag})' if tag else ''}"
@@ -155,22 +146,6 @@ def find_rows(config: dict, teacher: Denoiser, device) -> tuple[list[Row], list[
 # ----------------------------------------------------------------------------------------
 # Measuring
 # ----------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def samples_per_second(fn, n: int, device, repeats: int = 3) -> float:
-    """n / seconds of one call of fn, after a warm-up call, synchronised on CUDA; best of `repeats`."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return n / best
 
 
 def slug(row: Row) -> str:
@@ -202,8 +177,7 @@ class ImageQuality:
         n, batch = self.config["num_samples"], 250
         g = torch.Generator().manual_seed(self.config["eval_seed"])
         images, labels = [], torch.arange(n) % self.config["num_classes"]
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.config["eval_seed"])  # noise a sampler draws itself (DMD2's multi-step) too
+        with seeded_rng(self.config["eval_seed"], self.device):  # noise a sampler draws itself (DMD2's multi-step)
             for i in range(0, n, batch):
                 z = torch.randn(min(batch, n - i), self.config["in_ch"], 32, 32, generator=g).to(self.device)
                 images.append(row.sample(z, labels[i:i + batch].to(self.device), row.steps).float().clamp(-1, 1).cpu())
@@ -239,7 +213,7 @@ def evaluate_all(config: dict) -> dict:
             save_image_grid(row.sample(z_speed[:80], c_speed[:80], row.steps), folder / "samples.png",
                             nrow=config["num_classes"])
         row.metrics["samples_per_s"] = samples_per_second(lambda r=row: r.sample(z_speed, c_speed, r.steps),
-                                                          len(z_speed), device)
+                                                          len(z_speed), device, repeats=3)
         print(f"  {row.method:<24} {row.steps:>4} steps  " + "  ".join(
             f"{k} {v:.4g}" for k, v in row.metrics.items() if isinstance(v, float)))
     seconds = time.perf_counter() - start

@@ -46,7 +46,7 @@ from common import (Denoiser, UserError, alpha_sigma, ddim_sample, ddim_step, di
                     loss_by_t_bucket, pick_device, read_json, rng_state, run_cli, save_checkpoint, save_image_grid,
                     save_scatter, seed_everything, set_rng_state, trainable_copy, write_json)
 from data import BatchStream, toy_dataset
-from metrics import reference_metrics
+from metrics import reference_metrics, sampler_floor
 from presets import parse_config
 from progressive_distill import PD_FIELDS, check_steps, frozen, load_student, pd_loss, snr_weight, train_round
 from train_teacher import load_teacher
@@ -360,9 +360,11 @@ class Evaluator:
         return ddim_sample(guided(self.teacher, w, self.teacher.null_label), z, steps, self.labels).float().cpu()
 
     def reference(self, w: float):
-        if w not in self.references:  # the target distribution at w, and a second draw for the floor
-            self.references[w] = (self.guided_teacher(w, self.z, REFERENCE_STEPS),
-                                  self.guided_teacher(w, self.z2, REFERENCE_STEPS))
+        """The target distribution at w, and its floor from a second draw: both made once per w."""
+        if w not in self.references:
+            ref = self.guided_teacher(w, self.z, REFERENCE_STEPS)
+            floor = sampler_floor(ref.numpy(), self.guided_teacher(w, self.z2, REFERENCE_STEPS).numpy())
+            self.references[w] = (ref, floor)
         return self.references[w]
 
     def probe(self, model, z: torch.Tensor, steps: int) -> torch.Tensor:
@@ -372,8 +374,8 @@ class Evaluator:
     def measure(self, x: torch.Tensor, w: float) -> dict:
         if not self.toy:
             return {}
-        ref, ref2 = self.reference(w)
-        return reference_metrics(x.numpy(), ref.numpy(), ref2.numpy(), self.mixture)
+        ref, floor = self.reference(w)
+        return reference_metrics(x.numpy(), ref.numpy(), floor, self.mixture)
 
     def __call__(self, student: Denoiser, steps: int, samplers=SAMPLERS, folder: str | None = None) -> dict:
         ws = [w for w in self.config["eval_ws"] if self.config["w_min"] <= w <= self.config["w_max"]]

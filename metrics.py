@@ -74,26 +74,26 @@ def toy_metrics(points, dataset, seed: int = 12345) -> dict:
     g = torch.Generator().manual_seed(seed)
     ref = dataset.sample(n, g)[0].numpy()
     ref2 = dataset.sample(n, g)[0].numpy()
-    out = {
-        "n": n,
-        "w2": wasserstein2(points, ref),
-        "w2_floor": wasserstein2(ref2, ref),
-        "mmd": mmd2(points, ref),
-        "mmd_floor": mmd2(ref2, ref),
-    }
-    if isinstance(dataset, GaussianMixture):
-        out["off_mode"] = off_mode_rate(points, dataset)
+    mixture = dataset if isinstance(dataset, GaussianMixture) else None
+    out = reference_metrics(points, ref, sampler_floor(ref, ref2), mixture)  # the data is the reference sampler
+    if mixture is not None:
         out["off_mode_floor"] = off_mode_rate(ref2, dataset)
         out["mode_shares"] = mode_shares(points, dataset)
     return out
 
 
-def reference_metrics(points, ref, ref2, mixture: GaussianMixture | None = None) -> dict:
+def sampler_floor(ref, ref2) -> dict:
+    """The floor of W2 and MMD: a second draw `ref2` of the reference sampler against its draw `ref`."""
+    ref, ref2 = (np.asarray(a, dtype=np.float64) for a in (ref, ref2))
+    return {"w2_floor": wasserstein2(ref2, ref), "mmd_floor": mmd2(ref2, ref)}
+
+
+def reference_metrics(points, ref, floor: dict, mixture: GaussianMixture | None = None) -> dict:
     """`points` against a reference sampler's draw `ref` (not the data: guided distillation is
-    judged against the guided teacher), with the floor from a second draw `ref2` of that sampler."""
-    points, ref, ref2 = (np.asarray(a, dtype=np.float64) for a in (points, ref, ref2))
-    out = {"n": len(points), "w2": wasserstein2(points, ref), "w2_floor": wasserstein2(ref2, ref),
-           "mmd": mmd2(points, ref), "mmd_floor": mmd2(ref2, ref)}
+    judged against the guided teacher), with that sampler's `floor` (`sampler_floor`)."""
+    points, ref = (np.asarray(a, dtype=np.float64) for a in (points, ref))
+    out = {"n": len(points), "w2": wasserstein2(points, ref), "w2_floor": floor["w2_floor"],
+           "mmd": mmd2(points, ref), "mmd_floor": floor["mmd_floor"]}
     if mixture is not None:
         out["off_mode"] = off_mode_rate(points, mixture)
     return out
@@ -114,6 +114,7 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
     Returns {steps: metrics}.
     """
     from common import save_image_grid, save_scatter
+    from training import seeded_rng
     from data import toy_dataset
 
     out_dir = Path(out_dir)
@@ -131,9 +132,7 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
     for steps in steps_list:
         # Samplers that draw fresh noise between steps (DMD2's multi-step generator) draw it from the
         # global RNG: seed it here, and give it back afterwards, so the numbers do not depend on the caller.
-        cuda = torch.device(device).type == "cuda"
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
-            torch.manual_seed(config["eval_seed"] + steps)
+        with seeded_rng(config["eval_seed"] + steps, device):
             x = sample(z, labels, steps).float().cpu()
         if toy:
             dataset = toy_dataset(config["data"])

@@ -40,11 +40,10 @@ import torch
 import torch.nn as nn
 
 from common import (Denoiser, UserError, check_compatible, ddim_sample, ddim_step, diffuse, drop_labels, invert_ddim,
-                    load_checkpoint, logsnr, loss_by_t_bucket, pick_device, read_json, rng_state, run_cli,
-                    save_checkpoint, seed_everything, set_rng_state, trainable_copy, write_json)
+                    frozen_denoiser, load_checkpoint, logsnr, loss_by_t_bucket, pick_device, read_json, rng_state,
+                    run_cli, save_checkpoint, seed_everything, set_rng_state, trainable_copy, write_json)
 from data import BatchStream
 from metrics import evaluate_sampler
-from networks import build_network
 from presets import TEACHER_KEYS, parse_config
 from train_teacher import load_teacher, teacher_dir
 from training import LogWriter, autocast, progress
@@ -154,12 +153,7 @@ def load_student(path, config: dict, device, w_embedding: bool = False) -> Denoi
     """A saved student, frozen; `w_embedding` for guided distillation's w-conditioned students."""
     state = load_checkpoint(path, "student checkpoint")
     check_compatible(state["config"], config, TEACHER_KEYS, "student checkpoint", path)
-    net = build_network(config)
-    if w_embedding:
-        net.enable_w_embedding()
-    student = Denoiser(net)
-    student.load_state_dict(state["model"])
-    return frozen(student.to(device))
+    return frozen_denoiser(config, state["model"], device, w_embedding)
 
 
 def train_round(teacher: Denoiser, n_steps: int, config: dict, device, out: Path, log: LogWriter,

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from common import (EMA, Denoiser, UserError, check_compatible, ddim_sample, diffusion_loss, drop_labels,
-                    load_checkpoint, loss_by_t_bucket, pick_device, rng_state, run_cli, save_checkpoint,
-                    seed_everything, set_rng_state, write_json)
+                    frozen_denoiser, load_checkpoint, loss_by_t_bucket, pick_device, rng_state, run_cli,
+                    save_checkpoint, seed_everything, set_rng_state, write_json)
 from data import BatchStream, toy_dataset
 from metrics import evaluate_sampler
 from networks import build_network
@@ -159,10 +159,7 @@ def load_teacher(config: dict, device: torch.device, train_if_missing: bool = Tr
     if state.get("kind") != "teacher":
         raise UserError(f"{path} is not a teacher checkpoint (it holds a {state.get('kind')!r})")
     check_compatible(state["config"], config, TEACHER_KEYS, "teacher checkpoint", path)
-    net = build_network(state["config"])
-    teacher = Denoiser(net)
-    teacher.load_state_dict(state["ema"]["model"])
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher = frozen_denoiser(state["config"], state["ema"]["model"], device)
     prepare_network(teacher, config, device, compile=False)  # students are copies of it
     return teacher
 

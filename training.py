@@ -6,12 +6,14 @@ Nothing here is diffusion math (that is `common.py`, which re-exports these name
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +202,34 @@ def save_scatter(panels: dict, path, reference: np.ndarray | None = None, lim: f
 # ----------------------------------------------------------------------------------------
 # Loops: progress, autocast, logs
 # ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def samples_per_second(fn, n: int, device, repeats: int = 1) -> float:
+    """n / seconds of one call of fn, after a warm-up call, synchronised on CUDA; best of `repeats`."""
+    device = torch.device(device)
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return n / best
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device):
+    """Seed the global RNG for a block and give the caller's state back afterwards: for samplers
+    that draw their own noise (DMD2's multi-step generator), so a measurement does not depend on
+    what ran before it and does not disturb a training run's random stream."""
+    cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def progress(iterable, desc: str, **kwargs):
