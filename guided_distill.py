@@ -64,7 +64,8 @@ GD_FIELDS = {
     "sampler": (str, "with --sample: ddim (deterministic) or stochastic (the paper's N-step sampler)"),
     "sample_steps": (int, "with --sample: the student's steps (one of the saved rounds)"),
 }
-_TOY = {"start_steps": 64, "to_steps": 1, "round_iterations": 1500, "pd_lr": 1e-3, "pd_batch_size": 512,
+# Toy: batch 256 with 2500 updates per halving matches batch 512 with 1500 (README), in less time.
+_TOY = {"start_steps": 64, "to_steps": 1, "round_iterations": 2500, "pd_lr": 1e-3, "pd_batch_size": 256,
         "weighting": "truncated-snr", "pd_label_dropout": 0.0, "stage1_iterations": 3000, "stage1_lr": 1e-3,
         "w_min": 0.0, "w_max": 4.0, "single_w": None, "eval_ws": [0.0, 1.0, 2.0, 4.0],
         "w": 2.0, "sampler": "ddim", "sample_steps": 4}

@@ -58,7 +58,8 @@ PD_FIELDS = {
     "pd_label_dropout": (float, "probability of distilling an example with the null label"),
 }
 PD_PRESETS = {
-    "toy": {"start_steps": 64, "to_steps": 1, "round_iterations": 2000, "pd_lr": 1e-3, "pd_batch_size": 512,
+    # Toy: batch 256 gives the same students as 512 (README) in about half the time.
+    "toy": {"start_steps": 64, "to_steps": 1, "round_iterations": 2000, "pd_lr": 1e-3, "pd_batch_size": 256,
             "weighting": "truncated-snr", "pd_label_dropout": 1.0},
     "fmnist": {"start_steps": 256, "to_steps": 1, "round_iterations": 5000, "pd_lr": 1e-4, "pd_batch_size": 128,
                "weighting": "truncated-snr", "pd_label_dropout": 0.1},

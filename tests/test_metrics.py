@@ -52,3 +52,24 @@ def test_wasserstein_exact_on_a_shift():
     a = np.random.default_rng(0).normal(size=(300, 2))
     assert abs(wasserstein2(a, a + np.array([0.3, 0.4])) - 0.5) < 1e-9  # a translation costs its length
     assert wasserstein2(a, a) == 0.0
+
+
+def test_data_floor_is_made_once_per_reference_draw_and_stays_right():
+    # toy_metrics caches the data-vs-data floor by the exact reference draws: a second call, other
+    # points, another data set or another size must each get the floor a fresh computation gives.
+    from data import TwoMoons
+    from metrics import sampler_floor, toy_metrics
+
+    def fresh_floor(dataset, n, seed=12345):
+        g = torch.Generator().manual_seed(seed)
+        ref, ref2 = dataset.sample(n, g)[0].numpy(), dataset.sample(n, g)[0].numpy()
+        return sampler_floor(ref, ref2)
+
+    mix, moons = gaussians8(), TwoMoons()
+    for dataset, n in ((mix, 300), (moons, 300), (mix, 200)):
+        expected = fresh_floor(dataset, n)
+        for seed in (0, 1):  # the second call is served from the cache
+            points = dataset.sample(n, torch.Generator().manual_seed(seed))[0].numpy()
+            m = toy_metrics(points, dataset)
+            assert (m["w2_floor"], m["mmd_floor"]) == (expected["w2_floor"], expected["mmd_floor"])
+    assert fresh_floor(mix, 300)["w2_floor"] != fresh_floor(moons, 300)["w2_floor"]
