@@ -300,6 +300,8 @@ def train_dmd(config: dict, resume: bool = False, out: Path | None = None, real_
         step, history, train_time = state["step"], state["history"], state["train_time"]
         print(f"resuming {out} at generator update {step}")
     log = LogWriter(out / "log.jsonl", resume=step > 0)
+    if step > 0:
+        log.restore(state.get("log"))
     sampler = ema.model if ema is not None else generator
     batch, K = config["dmd_batch_size"], config["steps"]
     shape = (2,) if config["net"] == "mlp" else (config["in_ch"], 32, 32)
@@ -319,7 +321,7 @@ def train_dmd(config: dict, resume: bool = False, out: Path | None = None, real_
                                     "train_time": train_time, "generator": generator.state_dict(),
                                     "fake_score": fake_score.state_dict(), "gen_opt": gen_opt.state_dict(),
                                     "fake_opt": fake_opt.state_dict(), "rng": rng_state(),
-                                    "ema": ema.state_dict() if ema is not None else None})
+                                    "ema": ema.state_dict() if ema is not None else None, "log": log.records()})
 
     if step == 0:
         history.append(evaluate(0))

@@ -243,6 +243,7 @@ def train_stage_one(teacher: Denoiser, config: dict, device, out: Path, log: Log
             opt.load_state_dict(state["opt"])
             stream.load_state_dict(state["stream"])
             set_rng_state(state["rng"])
+            log.restore(state.get("log"))
             step = state["step"]
             print(f"resuming stage one at update {step}")
 
@@ -277,7 +278,8 @@ def train_stage_one(teacher: Denoiser, config: dict, device, out: Path, log: Log
         if step % config["ckpt_every"] == 0 and step < iterations:
             save_checkpoint(progress_path, {"kind": "guided_progress", "config": config, "n_steps": 0, "step": step,
                                             "model": student.state_dict(), "opt": opt.state_dict(),
-                                            "stream": stream.state_dict(), "rng": rng_state()})
+                                            "stream": stream.state_dict(), "rng": rng_state(),
+                                            "log": log.records()})
     bar.close()
     return frozen(student)
 
@@ -302,11 +304,13 @@ def guided_distillation(config: dict, resume: bool = False) -> dict:
     path = out / "stage1.pt"
     if path.exists():
         student = load_student(path, config, device, w_embedding=True)
+        log.restore(load_checkpoint(path).get("log"))  # the log as it was when stage one ended
     else:
         start = time.perf_counter()
         student = train_stage_one(teacher, config, device, out, log)
         save_checkpoint(path, {"kind": "guided_stage1", "config": config, "steps": config["start_steps"],
-                               "model": student.state_dict(), "round_time_s": time.perf_counter() - start})
+                               "model": student.state_dict(), "round_time_s": time.perf_counter() - start,
+                               "log": log.records()})
         (out / "progress.pt").unlink(missing_ok=True)
     if "stage1" not in metrics:
         metrics["stage1"] = {**evaluator(student, config["start_steps"], samplers=("ddim",), folder="stage1"),
@@ -319,12 +323,14 @@ def guided_distillation(config: dict, resume: bool = False) -> dict:
         path = out / f"student_{n_steps}.pt"
         if path.exists():  # a finished round: its student is the next teacher
             teacher_n = load_student(path, config, device, w_embedding=True)
+            log.restore(load_checkpoint(path).get("log"))  # the log as it was when this round ended
         else:
             start = time.perf_counter()
             teacher_n = train_round(teacher_n, n_steps, config, device, out, log,
                                     batch_loss=stage_two_loss(config), probe_sampler=evaluator.probe)
             save_checkpoint(path, {"kind": "guided_student", "config": config, "steps": n_steps,
-                                   "model": teacher_n.state_dict(), "round_time_s": time.perf_counter() - start})
+                                   "model": teacher_n.state_dict(), "round_time_s": time.perf_counter() - start,
+                                   "log": log.records()})
             (out / "progress.pt").unlink(missing_ok=True)
         if str(n_steps) not in students:
             students[str(n_steps)] = {**evaluator(teacher_n, n_steps),

@@ -184,6 +184,7 @@ def train_round(teacher: Denoiser, n_steps: int, config: dict, device, out: Path
             opt.load_state_dict(state["opt"])
             stream.load_state_dict(state["stream"])
             set_rng_state(state["rng"])
+            log.restore(state.get("log"))
             step = state["step"]
             print(f"resuming the {2 * n_steps} -> {n_steps} round at update {step}")
 
@@ -217,7 +218,8 @@ def train_round(teacher: Denoiser, n_steps: int, config: dict, device, out: Path
         if step % config["ckpt_every"] == 0 and step < iterations:
             save_checkpoint(progress_path, {"kind": "pd_progress", "config": config, "n_steps": n_steps,
                                             "step": step, "model": student.state_dict(), "opt": opt.state_dict(),
-                                            "stream": stream.state_dict(), "rng": rng_state()})
+                                            "stream": stream.state_dict(), "rng": rng_state(),
+                                            "log": log.records()})
     bar.close()
     return frozen(student)
 
@@ -242,13 +244,15 @@ def progressive_distillation(config: dict, resume: bool = False) -> dict:
         path = out / f"student_{n_steps}.pt"
         if path.exists():  # a finished round: its student is the next teacher
             teacher = load_student(path, config, device)
-            seconds = load_checkpoint(path)["round_time_s"]
+            saved = load_checkpoint(path)
+            seconds = saved["round_time_s"]
+            log.restore(saved.get("log"))  # the log as it was when this round ended
         else:
             start = time.perf_counter()
             teacher = train_round(teacher, n_steps, config, device, out, log)
             seconds = time.perf_counter() - start
             save_checkpoint(path, {"kind": "pd_student", "config": config, "steps": n_steps,
-                                   "model": teacher.state_dict(), "round_time_s": seconds})
+                                   "model": teacher.state_dict(), "round_time_s": seconds, "log": log.records()})
             (out / "progress.pt").unlink(missing_ok=True)
         if str(n_steps) not in students:  # also a round whose run died before its evaluation
             result = evaluate_student(teacher, n_steps, config, device, out)

@@ -76,10 +76,12 @@ def train_teacher(config: dict, resume: bool = False) -> Path:
     def checkpoint():
         save_checkpoint(path, {"kind": "teacher", "config": config, "step": step, "train_time": train_time,
                                "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                               "stream": stream.state_dict(), "rng": rng_state()})
+                               "stream": stream.state_dict(), "rng": rng_state(), "log": log.records()})
 
     out = teacher_dir(config)
     log = LogWriter(out / "log.jsonl", resume=step > 0)
+    if step > 0:
+        log.restore(state.get("log"))
     prepare_network(model, config, device)
     null = model.null_label
     model.train()

@@ -273,6 +273,15 @@ class LogWriter:
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
+    def restore(self, records: list[dict] | None) -> None:
+        """Put the log back as it was at a checkpoint (the `records()` saved in it), so that a
+        resumed run does not repeat the lines written between that checkpoint and the interruption."""
+        if records is None:  # a checkpoint from before logs were saved in them
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(self.path)
+
     def plot(self, png, title: str) -> None:
         """Every numeric series against `step`, log scale."""
         from matplotlib.figure import Figure

@@ -1,3 +1,4 @@
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -51,3 +52,9 @@ def die_on_call(monkeypatch, module, name: str, n: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, dying)
+
+
+def log_records(run_folder) -> list[dict]:
+    """The lines of a run's log.jsonl, parsed."""
+    lines = (Path(run_folder) / "log.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

@@ -10,7 +10,7 @@ import torch
 import dmd
 from common import UserError, diffuse
 from data import GaussianMixture, gaussians8
-from conftest import die_on_call, with_teacher
+from conftest import die_on_call, log_records, with_teacher
 from presets import config_for
 from train_teacher import load_teacher
 
@@ -116,7 +116,7 @@ def test_short_runs_resume_exactly(tmp_path, toy_teacher, monkeypatch, steps):
     assert metrics["samples_per_s"]["speedup"] > 1
 
     part = dmd_config(tmp_path / "part", toy_teacher, steps=steps)
-    die_on_call(monkeypatch, dmd, "dmd_generator_loss", 15)
+    die_on_call(monkeypatch, dmd, "dmd_generator_loss", 17)  # after the checkpoint at 10 and the log line at 15
     with pytest.raises(KeyboardInterrupt):
         dmd.train_dmd(part)
     monkeypatch.undo()
@@ -129,6 +129,7 @@ def test_short_runs_resume_exactly(tmp_path, toy_teacher, monkeypatch, steps):
     for key in ("generator", "fake_score"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert resumed["final"]["mmd"] == metrics["final"]["mmd"]
+    assert log_records(dmd.run_dir(part)) == log_records(out)  # the line at 15 is not repeated
 
 
 def test_regression_set_is_the_teachers_ddim_and_cached(tmp_path, toy_teacher):

@@ -12,7 +12,7 @@ import torch
 
 import guided_distill as gd
 from common import Denoiser, UserError, alpha_sigma, cfg, ddim_sample, ddim_step, diffuse, logsnr, save_checkpoint
-from conftest import die_on_call, with_teacher
+from conftest import die_on_call, log_records, with_teacher
 from data import gaussians8
 from networks import MLPDenoiserNet
 from presets import config_for
@@ -153,7 +153,7 @@ def guided_config(folder, teacher_folder, **overrides):
     return {**config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=300,
                          eval_steps=[1, 2, 4, 8, 256]),
             **gd.GD_PRESETS["toy"], "stage1_iterations": 40, "start_steps": 4, "to_steps": 1,
-            "round_iterations": 30, "eval_ws": [0.0, 2.0], "ckpt_every": 10, "log_every": 10, **overrides}
+            "round_iterations": 30, "eval_ws": [0.0, 2.0], "ckpt_every": 10, "log_every": 5, **overrides}
 
 
 def test_both_stages_with_resume_in_each(tmp_path, toy_teacher, monkeypatch):
@@ -185,13 +185,15 @@ def test_both_stages_with_resume_in_each(tmp_path, toy_teacher, monkeypatch):
         torch.manual_seed(11)  # the resumed run must not depend on the process's RNG
         return gd.guided_distillation(part, resume=True), gd.run_dir(part)
 
-    for n_calls, fn in ((25, "guided_loss"), (30 + 15, "pd_loss")):  # mid stage one; mid round 2 (4 -> 2 -> 1)
+    # mid stage one; mid round 2 (4 -> 2 -> 1); each after a log line that follows the last checkpoint
+    for n_calls, fn in ((27, "guided_loss"), (30 + 17, "pd_loss")):
         resumed, part_out = killed_at(n_calls, fn)
         for name in ("stage1.pt", "student_2.pt", "student_1.pt"):
             a = torch.load(out / name, weights_only=False)["model"]
             b = torch.load(part_out / name, weights_only=False)["model"]
             assert all(torch.equal(a[k], b[k]) for k in a), (fn, name)
         assert resumed["students"]["1"]["ddim"] == metrics["students"]["1"]["ddim"]
+        assert log_records(part_out) == log_records(out), fn  # no line repeated
 
 
 def test_sampling_a_saved_student_at_any_trained_w(tmp_path, toy_teacher):

@@ -13,7 +13,7 @@ import progressive_distill as pd
 from common import Denoiser, ddim_sample, ddim_step, diffuse, save_checkpoint
 from data import gaussians8
 from networks import MLPDenoiserNet
-from conftest import die_on_call, with_teacher
+from conftest import die_on_call, log_records, with_teacher
 from presets import config_for
 from train_teacher import load_teacher
 
@@ -107,7 +107,7 @@ def ladder_config(folder, teacher_folder, **overrides):
 
 
 def test_short_ladder_with_mid_round_resume(tmp_path, toy_teacher, monkeypatch):
-    whole = ladder_config(tmp_path / "whole", toy_teacher)
+    whole = ladder_config(tmp_path / "whole", toy_teacher, log_every=5)
     metrics = pd.progressive_distillation(whole)
     out = tmp_path / "whole" / "pd"
     for n in (4, 2, 1):
@@ -125,9 +125,10 @@ def test_short_ladder_with_mid_round_resume(tmp_path, toy_teacher, monkeypatch):
     teacher_gap = (ddim_sample(teacher, z, 4, null) - x8).pow(2).mean()
     assert student_gap < 0.05 * teacher_gap, (student_gap, teacher_gap)  # measured 0.003x; a 2N-grid bug: 0.2x
 
-    # Interrupt the second round (4 -> 2) at update 45: the checkpoint at 40 survives.
-    part = ladder_config(tmp_path / "part", toy_teacher)
-    die_on_call(monkeypatch, pd, "pd_loss", 60 + 45)
+    # Interrupt the second round (4 -> 2) at update 47: the checkpoint at 40 survives, the log line at 45 is
+    # written again by the resumed run and must not appear twice.
+    part = ladder_config(tmp_path / "part", toy_teacher, log_every=5)
+    die_on_call(monkeypatch, pd, "pd_loss", 60 + 47)
     with pytest.raises(KeyboardInterrupt):
         pd.progressive_distillation(part)
     monkeypatch.undo()
@@ -140,6 +141,7 @@ def test_short_ladder_with_mid_round_resume(tmp_path, toy_teacher, monkeypatch):
         a = torch.load(out / f"student_{n}.pt", weights_only=False)["model"]
         b = torch.load(tmp_path / "part" / "pd" / f"student_{n}.pt", weights_only=False)["model"]
         assert all(torch.equal(a[k], b[k]) for k in a), n
+    assert log_records(tmp_path / "part" / "pd") == log_records(out)  # every line once, and the same numbers
     # a run killed between a student's checkpoint and its evaluation: --resume evaluates it
     metrics_path = tmp_path / "part" / "pd" / "metrics.json"
     saved = json.loads(metrics_path.read_text())

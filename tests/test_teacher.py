@@ -61,6 +61,21 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     assert len(log) == 6  # the resumed run appends to the log
 
 
+def test_killed_run_resumes_without_repeating_log_lines(tmp_path, monkeypatch):
+    import train_teacher as module
+    from conftest import die_on_call, log_records
+
+    whole = tiny(tmp_path / "whole", iterations=60, ckpt_every=20, log_every=5)
+    train_teacher(whole)
+    part = tiny(tmp_path / "part", iterations=60, ckpt_every=20, log_every=5)
+    die_on_call(monkeypatch, module, "diffusion_loss", 47)  # after the checkpoint at 40 and the log line at 45
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(part)
+    monkeypatch.undo()
+    train_teacher(part, resume=True)
+    assert log_records(tmp_path / "part" / "teacher") == log_records(tmp_path / "whole" / "teacher")
+
+
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
     save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
