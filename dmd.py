@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import (EMA, UserError, ddim_sample, diffuse, diffusion_loss, guided,
+from common import (EMA, UserError, check_compatible, ddim_sample, diffuse, diffusion_loss, guided,
                     load_checkpoint, pick_device, read_json, rng_state, run_cli, save_checkpoint, seed_everything,
                     set_rng_state, trainable_copy, write_json)
 from metrics import evaluate_sampler
@@ -92,6 +92,8 @@ DMD_PRESETS = {
                 "dmd_label_dropout": 0.1, "eval_every": 10_000, "tag": ""},
 }
 REG_LOSSES = ("mse", "pseudo-huber", "lpips")
+# A run's settings: resuming its checkpoint with other values would mix two runs (more updates are fine).
+RUN_KEYS = ("steps", "dmd_batch_size", "gen_lr", "fake_lr", "fake_updates", "reg_weight", "reg_loss", "gen_ema", "seed")
 DM_T_MIN, DM_T_MAX = 0.02, 0.98
 NORMALISER_EPS = 1e-6
 
@@ -290,6 +292,7 @@ def train_dmd(config: dict, resume: bool = False, out: Path | None = None, real_
     step, history, train_time = 0, [], 0.0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, "DMD checkpoint")
+        check_compatible(state["config"], config, RUN_KEYS, "DMD checkpoint", ckpt_path)
         generator.load_state_dict(state["generator"])
         fake_score.load_state_dict(state["fake_score"])
         gen_opt.load_state_dict(state["gen_opt"])

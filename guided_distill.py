@@ -42,9 +42,9 @@ from pathlib import Path
 
 import torch
 
-from common import (Denoiser, UserError, alpha_sigma, ddim_sample, ddim_step, diffuse, guided, load_checkpoint,
-                    loss_by_t_bucket, pick_device, read_json, rng_state, run_cli, save_checkpoint, save_image_grid,
-                    save_scatter, seed_everything, set_rng_state, trainable_copy, write_json)
+from common import (Denoiser, UserError, alpha_sigma, check_compatible, ddim_sample, ddim_step, diffuse, guided,
+                    load_checkpoint, loss_by_t_bucket, pick_device, read_json, rng_state, run_cli, save_checkpoint,
+                    save_image_grid, save_scatter, seed_everything, set_rng_state, trainable_copy, write_json)
 from data import BatchStream, toy_dataset
 from metrics import reference_metrics, sampler_floor
 from presets import parse_config
@@ -64,7 +64,10 @@ GD_FIELDS = {
     "sampler": (str, "with --sample: ddim (deterministic) or stochastic (the paper's N-step sampler)"),
     "sample_steps": (int, "with --sample: the student's steps (one of the saved rounds)"),
 }
-# Toy: batch 256 with 2500 updates per halving matches batch 512 with 1500 (README), in less time.
+# Stage one's settings: resuming its progress checkpoint with other values would mix two runs.
+STAGE1_KEYS = ("pd_batch_size", "stage1_iterations", "stage1_lr", "weighting", "w_min", "w_max", "single_w", "seed")
+# Toy: batch 256 (stage one and the halvings) with 2500 updates per halving matches batch 512 with 1500
+# (README), in less time.
 _TOY = {"start_steps": 64, "to_steps": 1, "round_iterations": 2500, "pd_lr": 1e-3, "pd_batch_size": 256,
         "weighting": "truncated-snr", "pd_label_dropout": 0.0, "stage1_iterations": 3000, "stage1_lr": 1e-3,
         "w_min": 0.0, "w_max": 4.0, "single_w": None, "eval_ws": [0.0, 1.0, 2.0, 4.0],
@@ -239,6 +242,7 @@ def train_stage_one(teacher: Denoiser, config: dict, device, out: Path, log: Log
     if progress_path.exists():
         state = load_checkpoint(progress_path, "stage-one progress checkpoint")
         if state["n_steps"] == 0:  # stage one's progress (rounds store their student's N > 0)
+            check_compatible(state["config"], config, STAGE1_KEYS, "stage-one progress checkpoint", progress_path)
             student.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             stream.load_state_dict(state["stream"])
@@ -300,17 +304,20 @@ def guided_distillation(config: dict, resume: bool = False) -> dict:
                     "single_w": config["single_w"], "reference_steps": REFERENCE_STEPS})
     evaluator = Evaluator(teacher, config, device, out, resume)
     log = LogWriter(out / "log.jsonl", resume=resume)
+    logged = []  # the log as it was when stage one, then each finished round, ended
 
     path = out / "stage1.pt"
     if path.exists():
         student = load_student(path, config, device, w_embedding=True)
-        log.restore(load_checkpoint(path).get("log"))  # the log as it was when stage one ended
+        logged = load_checkpoint(path).get("log")
     else:
+        log.restore(logged)  # drop an interrupted run's lines (train_stage_one restores its checkpoint's)
         start = time.perf_counter()
         student = train_stage_one(teacher, config, device, out, log)
+        logged = log.records()
         save_checkpoint(path, {"kind": "guided_stage1", "config": config, "steps": config["start_steps"],
                                "model": student.state_dict(), "round_time_s": time.perf_counter() - start,
-                               "log": log.records()})
+                               "log": logged})
         (out / "progress.pt").unlink(missing_ok=True)
     if "stage1" not in metrics:
         metrics["stage1"] = {**evaluator(student, config["start_steps"], samplers=("ddim",), folder="stage1"),
@@ -323,14 +330,16 @@ def guided_distillation(config: dict, resume: bool = False) -> dict:
         path = out / f"student_{n_steps}.pt"
         if path.exists():  # a finished round: its student is the next teacher
             teacher_n = load_student(path, config, device, w_embedding=True)
-            log.restore(load_checkpoint(path).get("log"))  # the log as it was when this round ended
+            logged = load_checkpoint(path).get("log")
         else:
+            log.restore(logged)  # drop an interrupted round's lines (train_round restores its checkpoint's)
             start = time.perf_counter()
             teacher_n = train_round(teacher_n, n_steps, config, device, out, log,
                                     batch_loss=stage_two_loss(config), probe_sampler=evaluator.probe)
+            logged = log.records()
             save_checkpoint(path, {"kind": "guided_student", "config": config, "steps": n_steps,
                                    "model": teacher_n.state_dict(), "round_time_s": time.perf_counter() - start,
-                                   "log": log.records()})
+                                   "log": logged})
             (out / "progress.pt").unlink(missing_ok=True)
         if str(n_steps) not in students:
             students[str(n_steps)] = {**evaluator(teacher_n, n_steps),

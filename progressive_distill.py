@@ -57,6 +57,8 @@ PD_FIELDS = {
     "weighting": (str, "x-MSE weight: truncated-snr = max(SNR, 1), or snr+1"),
     "pd_label_dropout": (float, "probability of distilling an example with the null label"),
 }
+# A round's settings: resuming its progress checkpoint with other values would mix two runs.
+ROUND_KEYS = ("pd_batch_size", "round_iterations", "pd_lr", "weighting", "pd_label_dropout", "seed")
 PD_PRESETS = {
     # Toy: batch 256 gives the same students as 512 (README) in about half the time.
     "toy": {"start_steps": 64, "to_steps": 1, "round_iterations": 2000, "pd_lr": 1e-3, "pd_batch_size": 256,
@@ -180,6 +182,7 @@ def train_round(teacher: Denoiser, n_steps: int, config: dict, device, out: Path
     if progress_path.exists():
         state = load_checkpoint(progress_path, "distillation progress checkpoint")
         if state["n_steps"] == n_steps:
+            check_compatible(state["config"], config, ROUND_KEYS, "distillation progress checkpoint", progress_path)
             student.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             stream.load_state_dict(state["stream"])
@@ -239,20 +242,21 @@ def progressive_distillation(config: dict, resume: bool = False) -> dict:
                     "teacher_ddim": read_json(teacher_dir(config) / "metrics.json")})
     students = metrics.setdefault("students", {})
     log = LogWriter(out / "log.jsonl", resume=resume)
+    logged = []  # the log as it was when the last finished round ended
     n_steps = config["start_steps"] // 2  # N: the student's steps; its teacher takes 2N
     while n_steps >= config["to_steps"]:
         path = out / f"student_{n_steps}.pt"
         if path.exists():  # a finished round: its student is the next teacher
             teacher = load_student(path, config, device)
             saved = load_checkpoint(path)
-            seconds = saved["round_time_s"]
-            log.restore(saved.get("log"))  # the log as it was when this round ended
+            seconds, logged = saved["round_time_s"], saved.get("log")
         else:
+            log.restore(logged)  # drop an interrupted round's lines (train_round restores its checkpoint's)
             start = time.perf_counter()
             teacher = train_round(teacher, n_steps, config, device, out, log)
-            seconds = time.perf_counter() - start
+            seconds, logged = time.perf_counter() - start, log.records()
             save_checkpoint(path, {"kind": "pd_student", "config": config, "steps": n_steps,
-                                   "model": teacher.state_dict(), "round_time_s": seconds, "log": log.records()})
+                                   "model": teacher.state_dict(), "round_time_s": seconds, "log": logged})
             (out / "progress.pt").unlink(missing_ok=True)
         if str(n_steps) not in students:  # also a round whose run died before its evaluation
             result = evaluate_student(teacher, n_steps, config, device, out)

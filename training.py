@@ -263,7 +263,7 @@ class LogWriter:
     def __init__(self, path, resume: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not resume:
+        if not resume or not self.path.exists():
             self.path.write_text("")
 
     def write(self, record: dict) -> None:

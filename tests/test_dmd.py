@@ -122,6 +122,8 @@ def test_short_runs_resume_exactly(tmp_path, toy_teacher, monkeypatch, steps):
     monkeypatch.undo()
     with pytest.raises(UserError, match="pass --resume"):
         dmd.train_dmd(part)
+    with pytest.raises(UserError, match="dmd_batch_size"):  # a checkpoint made with other settings
+        dmd.train_dmd({**part, "dmd_batch_size": 64}, resume=True)
     torch.manual_seed(3)
     resumed = dmd.train_dmd(part, resume=True)
     a = torch.load(out / "checkpoint.pt", weights_only=False)

@@ -180,13 +180,18 @@ def test_both_stages_with_resume_in_each(tmp_path, toy_teacher, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             gd.guided_distillation(part)
         monkeypatch.undo()
-        with pytest.raises(UserError, match="pass --resume"):
-            gd.guided_distillation(part)
+        if n_calls > 10:  # past the first checkpoint: a plain rerun is refused
+            with pytest.raises(UserError, match="pass --resume"):
+                gd.guided_distillation(part)
+        if n_calls == 27:  # a stage-one checkpoint made with other settings is refused
+            with pytest.raises(UserError, match="stage1_lr"):
+                gd.guided_distillation({**part, "stage1_lr": 1e-4}, resume=True)
         torch.manual_seed(11)  # the resumed run must not depend on the process's RNG
         return gd.guided_distillation(part, resume=True), gd.run_dir(part)
 
     # mid stage one; mid round 2 (4 -> 2 -> 1); each after a log line that follows the last checkpoint
-    for n_calls, fn in ((27, "guided_loss"), (30 + 17, "pd_loss")):
+    # (and once before stage one's first checkpoint)
+    for n_calls, fn in ((7, "guided_loss"), (27, "guided_loss"), (30 + 17, "pd_loss")):
         resumed, part_out = killed_at(n_calls, fn)
         for name in ("stage1.pt", "student_2.pt", "student_1.pt"):
             a = torch.load(out / name, weights_only=False)["model"]

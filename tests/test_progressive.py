@@ -135,6 +135,8 @@ def test_short_ladder_with_mid_round_resume(tmp_path, toy_teacher, monkeypatch):
     assert torch.load(tmp_path / "part" / "pd" / "progress.pt", weights_only=False)["step"] == 40
     with pytest.raises(pd.UserError, match="pass --resume"):
         pd.progressive_distillation(part)
+    with pytest.raises(pd.UserError, match="pd_batch_size=256 \\(now 128\\)"):  # one run's round, not two
+        pd.progressive_distillation({**part, "pd_batch_size": 128}, resume=True)
     torch.manual_seed(7)  # the resumed run must not depend on the process's RNG
     pd.progressive_distillation(part, resume=True)
     for n in (4, 2, 1):
@@ -150,6 +152,15 @@ def test_short_ladder_with_mid_round_resume(tmp_path, toy_teacher, monkeypatch):
     restored = pd.progressive_distillation(part, resume=True)["students"]["2"]
     assert restored.pop("round_time_s") > 0
     assert restored == {k: v for k, v in metrics["students"]["2"].items() if k != "round_time_s"}
+
+    # killed in the first round, before its first checkpoint: the resumed run starts the log afresh
+    early = ladder_config(tmp_path / "early", toy_teacher, log_every=5)
+    die_on_call(monkeypatch, pd, "pd_loss", 7)
+    with pytest.raises(KeyboardInterrupt):
+        pd.progressive_distillation(early)
+    monkeypatch.undo()
+    pd.progressive_distillation(early, resume=True)
+    assert log_records(tmp_path / "early" / "pd") == log_records(out)
 
 
 def test_students_sample_with_and_without_labels(tmp_path, toy_teacher):
