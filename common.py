@@ -1,7 +1,7 @@
 """The shared core of the four distillation scripts: schedule, DDIM, target inversion,
 the denoiser protocol, Alg. 1's loss, and the plumbing every training loop needs.
 
-Formulas: ../shared/METHODS.md section 0 (variance-preserving, continuous time t in [0, 1]).
+Formulas: docs/methods.md section 0 (variance-preserving, continuous time t in [0, 1]).
 
 Notation (names in the code follow the papers' symbols):
 
@@ -28,6 +28,7 @@ denoiser in `data.py` follows the same protocol, so tests can use it as a perfec
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -37,15 +38,15 @@ from tqdm import tqdm
 
 # Re-exported so that notebooks and coursework find everything shared under `common`.
 from networks import MLPDenoiserNet, UNet, build_network  # noqa: F401
-from training import (EMA, UserError, check_compatible, load_checkpoint, pick_device,  # noqa: F401
-                      read_json, rng_state, run_cli, save_checkpoint, save_image_grid, save_scatter,
-                      seed_everything, set_rng_state, write_json)
+from training import (EMA, UserError, check_compatible, check_same_teacher, fingerprint,  # noqa: F401
+                      load_checkpoint, pick_device, read_json, rng_state, run_cli, save_checkpoint,
+                      save_image_grid, save_scatter, seed_everything, set_rng_state, write_json)
 
 LOGSNR_CLIP = 20.0
 
 
 # ----------------------------------------------------------------------------------------
-# Schedule and parameterisations (METHODS.md section 0). Schedule math stays in fp32.
+# Schedule and parameterisations (docs/methods.md section 0). Schedule math stays in fp32.
 # ----------------------------------------------------------------------------------------
 
 
@@ -202,6 +203,17 @@ class Denoiser(nn.Module):
         t = _as_time(t, z_t).expand(z_t.shape[0])
         v_hat = self.predict_v(z_t, t, labels, w).float()
         return x_from_v(z_t, v_hat, t)  # x_hat = alpha_t z_t - sigma_t v_hat
+
+
+@contextlib.contextmanager
+def no_grad_fp32():
+    """Where a distillation target is made: no gradient, and autocast off, so the teacher (and DMD's
+    real and fake scores) run in fp32 even inside a bf16 training step. A target is often the small
+    difference of two teacher predictions (PD at N = 4096: about 1e-4), below bf16's rounding
+    (8-bit mantissa); the student's own forward may stay in bf16 (docs/precision.md).
+    A decorator (`@no_grad_fp32()`) or a `with` block."""
+    with torch.no_grad(), torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        yield
 
 
 def frozen_denoiser(config: dict, weights: dict, device, w_embedding: bool = False) -> Denoiser:

@@ -1,7 +1,7 @@
 """DisBack: distribution matching whose real score walks back along a recorded degradation path.
 
 Paper: Zhang et al. 2024, "Distribution Backtracking Builds A Faster Convergence Trajectory for
-Diffusion Distillation" (arXiv 2408.15991). Formulas: ../shared/METHODS.md section 4.
+Diffusion Distillation" (arXiv 2408.15991). Formulas: docs/methods.md section 4.
 DisBack is DMD (dmd.py) plus a schedule of real scores, so this file holds only what it adds:
 the recording of the path and the schedule. The losses and the training loop are dmd.py's.
 
@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-from common import (UserError, load_checkpoint, pick_device, read_json, rng_state, run_cli, save_checkpoint,
-                    seed_everything, set_rng_state, trainable_copy, write_json)
-from dmd import (DMD_FIELDS, DMD_PRESETS, adamw, check_config, fake_score_loss, generate, run_dir, sample_labels,
-                 train_dmd)
+from common import (UserError, check_same_teacher, load_checkpoint, pick_device, read_json, rng_state,
+                    run_cli, save_checkpoint, seed_everything, set_rng_state, trainable_copy, write_json)
+from dmd import (DMD_FIELDS, DMD_PRESETS, RUN_KEYS, adamw, check_config, fake_score_loss, generator_samples,
+                 run_dir, sample_labels, train_dmd)
 from presets import parse_config
 from train_teacher import load_teacher
 from training import progress
@@ -52,6 +52,8 @@ DISBACK_FIELDS = {
     "record_lr": (float, "stage 1: AdamW learning rate"),
     "interval": (int, "stage 2: generator updates on each snapshot before stepping back to the next"),
 }
+# What the recorded path depends on (besides the teacher's weights); a resumed stage 2 also keeps `interval`.
+PATH_KEYS = ("snapshots", "record_iterations", "record_lr", "steps", "seed", "dmd_batch_size", "dmd_label_dropout")
 DISBACK_PRESETS = {
     # The official code: about 1000 recording updates, a snapshot every 100. Toy: the teacher is
     # reached after 9 x 100 of DMD's 4000 generator updates.
@@ -92,13 +94,13 @@ def record_degradation(teacher, config: dict, device, folder: Path) -> list[Path
     of s'_1..s'_N; a run killed in between resumes from the last snapshot."""
     n, iterations = config["snapshots"], config["record_iterations"]
     paths = [folder / f"snapshot_{i:02d}.pt" for i in range(1, n + 1)]
-    keys = ("snapshots", "record_iterations", "record_lr", "steps", "seed", "dmd_batch_size")
-    for p in folder.glob("snapshot_*.pt"):  # a path recorded with other settings is not this run's
-        saved = load_checkpoint(p, "DisBack snapshot")["config"]
-        if any(saved.get(k) != config[k] for k in keys):
-            raise UserError(f"{folder} holds a path recorded with other settings "
-                            f"({', '.join(f'{k}={saved.get(k)}' for k in keys if saved.get(k) != config[k])}); "
+    for p in folder.glob("snapshot_*.pt"):  # a path recorded with other settings or teacher is not this run's
+        saved = load_checkpoint(p, "DisBack snapshot")
+        if any(saved["config"].get(k) != config[k] for k in PATH_KEYS):
+            diff = ", ".join(f"{k}={saved['config'].get(k)}" for k in PATH_KEYS if saved["config"].get(k) != config[k])
+            raise UserError(f"{folder} holds a path recorded with other settings ({diff}); "
                             "pass --tag for a new run folder, or delete it")
+        check_same_teacher(saved.get("teacher"), teacher, "the DisBack path", folder)
     if all(p.exists() for p in paths):
         return paths
     every = iterations // n
@@ -119,7 +121,8 @@ def record_degradation(teacher, config: dict, device, folder: Path) -> list[Path
     bar = progress(range(step, every * n), "stage 1: recording the path", initial=step, total=every * n)
     for step in bar:
         z, labels = torch.randn(batch, *shape, device=device), sample_labels(batch, config).to(device)
-        x = generate(teacher, z, labels, config["steps"])  # G_0(z): the teacher as a generator, no gradient
+        # G_0's samples, drawn as stage 2's fake score will see them (backward simulation for K > 1)
+        x = generator_samples(teacher, z, labels, config["steps"])
         loss = fake_score_loss(score, x, labels)  # Alg. 1's denoising loss on G_0's samples
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -128,7 +131,7 @@ def record_degradation(teacher, config: dict, device, folder: Path) -> list[Path
         step += 1
         if step % every == 0:  # s'_i, i = step / every; then the progress that resumes after it
             save_checkpoint(paths[step // every - 1], {"kind": "disback_snapshot", "config": config, "step": step,
-                                                       "model": score.state_dict()})
+                                                       "teacher": teacher.fingerprint, "model": score.state_dict()})
             losses.append({"snapshot": step // every, "step": step, "loss": loss.item()})
             write_json(folder / "record_losses.json", {"losses": losses})
             save_checkpoint(progress_path, {"kind": "disback_record", "step": step, "model": score.state_dict(),
@@ -182,7 +185,8 @@ def train_disback(config: dict, resume: bool = False) -> dict:
     paths = record_degradation(teacher, config, device, out / "snapshots") if config["snapshots"] else []
     path = BacktrackingPath(teacher, paths, config["interval"])
     fake_start = load_checkpoint(paths[-1], "DisBack snapshot")["model"] if paths else None  # s'_N
-    metrics = train_dmd(config, resume=resume, out=out, real_score_at=path, fake_start=fake_start)
+    metrics = train_dmd(config, resume=resume, out=out, real_score_at=path, fake_start=fake_start,
+                        run_keys=(*RUN_KEYS, *PATH_KEYS, "interval"))
     metrics["teacher_reached_at"] = max(len(paths) - 1, 0) * config["interval"]
     metrics["comparison"] = compare_with_dmd(config, metrics)
     write_json(out / "metrics.json", metrics)

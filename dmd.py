@@ -3,7 +3,7 @@ between a real and a fake score, plus a regression loss to the teacher's own sam
 
 Papers: Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillation"
 (arXiv 2311.18828), and for K > 1 the multi-step generator of DMD2 (Yin et al. 2024,
-arXiv 2405.14867). Formulas: ../shared/METHODS.md section 3.
+arXiv 2405.14867). Formulas: docs/methods.md section 3.
 
 Three networks, each a copy of the teacher:
     generator   G(z) = x_hat(z, t = 1): the teacher's network at the top time, trained
@@ -29,6 +29,11 @@ Deliberate differences from the papers:
   teacher's ODE sampler; a re-implementation used 18 Heun steps), and for K > 1 the
   regression pins the generator's first step from pure noise.
 - No GAN head (DMD2's optional extra); an EMA of the generator (`--gen-ema`) is evaluated.
+- The gradient is the papers' pseudo-code, (mu_fake - mu_real) / mean |x - mu_real|. With Eq. (7)
+  and (8) under this cosine schedule it would carry a factor alpha_t (docs/methods.md [3.5]); the
+  papers' teachers have alpha_t = 1.
+- Per update the fake score trains first, on fresh samples, then the generator (DMD's Alg. 1
+  updates the generator first and reuses its samples for the fake score).
 - On toy data the regression distance is MSE (LPIPS needs images and downloaded weights),
   with weight 4, lr 4e-3, batch 256 and 4000 updates, tuned there (README); the cifar10 preset keeps the paper's values.
 
@@ -48,9 +53,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import (EMA, UserError, check_compatible, ddim_sample, diffuse, diffusion_loss, guided,
-                    load_checkpoint, pick_device, read_json, rng_state, run_cli, save_checkpoint, seed_everything,
-                    set_rng_state, trainable_copy, write_json)
+from common import (EMA, UserError, check_compatible, check_same_teacher, ddim_sample, diffuse,
+                    diffusion_loss, guided, load_checkpoint, no_grad_fp32, pick_device, read_json, rng_state,
+                    run_cli, save_checkpoint, seed_everything, set_rng_state, trainable_copy, write_json)
 from metrics import evaluate_sampler
 from presets import parse_config
 from train_teacher import load_teacher, teacher_dir
@@ -85,15 +90,19 @@ DMD_PRESETS = {
                "fake_updates": 5, "reg_weight": 0.25, "reg_loss": "pseudo-huber", "reg_pairs": 10_000,
                "reg_steps": 64, "real_guidance": 0.0, "gen_ema": 0.999, "lr_decay": False,
                "dmd_label_dropout": 0.1, "eval_every": 2000, "tag": ""},
-    # The paper's CIFAR-10 settings (METHODS.md section 3): AdamW 5e-5, wd 0.01, batch 392, LPIPS x 0.25.
+    # The paper's CIFAR-10 settings (docs/methods.md section 3): AdamW 5e-5, wd 0.01, batch 392, LPIPS x 0.25.
     "cifar10": {"steps": 1, "dmd_iterations": 200_000, "dmd_batch_size": 392, "gen_lr": 5e-5, "fake_lr": 5e-5,
                 "fake_updates": 1, "reg_weight": 0.25, "reg_loss": "lpips", "reg_pairs": 100_000,
                 "reg_steps": 64, "real_guidance": 0.0, "gen_ema": 0.9999, "lr_decay": False,
                 "dmd_label_dropout": 0.1, "eval_every": 10_000, "tag": ""},
 }
 REG_LOSSES = ("mse", "pseudo-huber", "lpips")
-# A run's settings: resuming its checkpoint with other values would mix two runs (more updates are fine).
-RUN_KEYS = ("steps", "dmd_batch_size", "gen_lr", "fake_lr", "fake_updates", "reg_weight", "reg_loss", "gen_ema", "seed")
+# A run's settings: resuming its checkpoint with other values would mix two runs. All of DMD's fields
+# but these, which a resumed run may change (more updates, another evaluation cadence).
+RESUMABLE_FIELDS = ("dmd_iterations", "eval_every", "tag")
+RUN_KEYS = (*(k for k in DMD_FIELDS if k not in RESUMABLE_FIELDS), "seed", "grad_clip")
+# What makes the regression pairs (besides the teacher's weights).
+REGRESSION_KEYS = ("reg_pairs", "reg_steps", "real_guidance", "dmd_label_dropout", "num_classes", "seed")
 DM_T_MIN, DM_T_MAX = 0.02, 0.98
 NORMALISER_EPS = 1e-6
 
@@ -124,6 +133,23 @@ def generate(generator, z: torch.Tensor, labels: torch.Tensor, steps: int, first
     return x
 
 
+def backward_simulation(generator, z: torch.Tensor, labels: torch.Tensor, steps: int):
+    """DMD2's backward simulation: k ~ U{0..K-1}; the first k steps run from pure noise without
+    gradient. Returns the latent z_{t_k} (B, ...) and t_k (B,) that the trained k-th step starts from."""
+    k = int(torch.randint(steps, ()))
+    z_k, t_k = generate(generator, z, labels, steps, first=k)
+    return z_k, torch.full((z.shape[0],), t_k, device=z.device)
+
+
+@torch.no_grad()
+def generator_samples(generator, z: torch.Tensor, labels: torch.Tensor, steps: int) -> torch.Tensor:
+    """The distribution the fake score must learn: the k-th step's x prediction under backward
+    simulation, no gradient. For K = 1 these are G(z); for K > 1 a mix of all K steps' outputs.
+    DisBack records its degradation path on the same samples."""
+    z_k, t_k = backward_simulation(generator, z, labels, steps)
+    return generator(z_k, t_k, labels)
+
+
 # ----------------------------------------------------------------------------------------
 # The losses (pure functions)
 # ----------------------------------------------------------------------------------------
@@ -141,7 +167,7 @@ def dmd_generator_loss(x: torch.Tensor, real_score, fake_score, labels: torch.Te
         t = DM_T_MIN + (DM_T_MAX - DM_T_MIN) * torch.rand(x.shape[0], device=x.device)  # t ~ U[0.02, 0.98]
     if eps is None:
         eps = torch.randn_like(x)
-    with torch.no_grad():
+    with no_grad_fp32():  # both scores in fp32: grad is their (small) difference
         x_t = diffuse(x.detach(), t, eps)  # x_t = alpha_t x + sigma_t eps
         mu_real = real_score(x_t, t, labels)
         mu_fake = fake_score(x_t, t, labels)
@@ -189,7 +215,8 @@ def load_lpips(config: dict, device):
     def lpips(x, y):
         if x.shape[1] == 1:  # grey images: LPIPS's network wants three channels
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
-        return metric(x.float(), y.float())
+        with torch.autocast(x.device.type, enabled=False):  # the comparison in fp32
+            return metric(x.float(), y.float())
 
     return lpips
 
@@ -207,14 +234,16 @@ def sample_labels(n: int, config: dict, generator: torch.Generator | None = None
 
 
 def regression_pairs(teacher, config: dict, device) -> dict:
-    """Generated once per preset with a progress bar and cached beside the teacher."""
-    name = f"regression_{config['reg_pairs']}x{config['reg_steps']}_null{config['dmd_label_dropout']}.pt"
+    """Generated once with a progress bar and cached beside the teacher, keyed on everything that
+    makes the pairs: the teacher's weights, the real score's guidance, the labels, the sampler, the seed."""
+    key = {"teacher": teacher.fingerprint, **{k: config[k] for k in REGRESSION_KEYS}}
+    name = (f"regression_{config['reg_pairs']}x{config['reg_steps']}_null{config['dmd_label_dropout']:g}"
+            f"_w{config['real_guidance']:g}.pt")
     path = teacher_dir(config) / name
-    teacher_step = load_checkpoint(config["teacher"], "teacher checkpoint")["step"]
     if path.exists():
         pairs = load_checkpoint(path, "regression set")
-        if pairs.get("teacher_step") == teacher_step and pairs.get("seed") == config["seed"]:
-            return pairs  # made by this very teacher; otherwise made anew below
+        if pairs.get("key") == key:
+            return pairs  # made by this very teacher with these settings; otherwise made anew below
     g = torch.Generator().manual_seed(config["seed"] + 777)
     n = config["reg_pairs"]
     shape = (2,) if config["net"] == "mlp" else (config["in_ch"], 32, 32)
@@ -223,8 +252,9 @@ def regression_pairs(teacher, config: dict, device) -> dict:
     real = real_score_of(teacher, config)
     for i in progress(range(0, n, batch), f"regression set ({config['reg_steps']}-step teacher DDIM)"):
         zb, cb = z[i:i + batch].to(device), labels[i:i + batch].to(device)
-        ys.append(ddim_sample(real, zb, config["reg_steps"], cb).cpu())
-    pairs = {"z": z, "labels": labels, "y": torch.cat(ys), "teacher_step": teacher_step, "seed": config["seed"]}
+        with no_grad_fp32():  # targets in fp32
+            ys.append(ddim_sample(real, zb, config["reg_steps"], cb).cpu())
+    pairs = {"z": z, "labels": labels, "y": torch.cat(ys), "key": key}
     save_checkpoint(path, pairs)
     return pairs
 
@@ -264,10 +294,11 @@ def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def train_dmd(config: dict, resume: bool = False, out: Path | None = None, real_score_at=None,
-              fake_start: dict | None = None) -> dict:
-    """The loop above. DisBack (disback.py) reuses it unchanged apart from three arguments: its run
+              fake_start: dict | None = None, run_keys=RUN_KEYS) -> dict:
+    """The loop above. DisBack (disback.py) reuses it unchanged apart from four arguments: its run
     folder `out`, `real_score_at(step)`, the real score for generator update `step` (DMD: always
-    the teacher), and `fake_start`, the fake score's initial weights (DMD: the teacher's)."""
+    the teacher), `fake_start`, the fake score's initial weights (DMD: the teacher's), and
+    `run_keys`, the settings a resumed checkpoint must share (DisBack adds its path's)."""
     check_config(config)
     device = pick_device(config["device"])
     out = out or run_dir(config)
@@ -292,7 +323,8 @@ def train_dmd(config: dict, resume: bool = False, out: Path | None = None, real_
     step, history, train_time = 0, [], 0.0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, "DMD checkpoint")
-        check_compatible(state["config"], config, RUN_KEYS, "DMD checkpoint", ckpt_path)
+        check_compatible(state["config"], config, run_keys, "DMD checkpoint", ckpt_path)
+        check_same_teacher(state.get("teacher"), teacher, "DMD checkpoint", ckpt_path)
         generator.load_state_dict(state["generator"])
         fake_score.load_state_dict(state["fake_score"])
         gen_opt.load_state_dict(state["gen_opt"])
@@ -320,7 +352,8 @@ def train_dmd(config: dict, resume: bool = False, out: Path | None = None, real_
         return {"step": tag_step, **result}
 
     def checkpoint():
-        save_checkpoint(ckpt_path, {"kind": "dmd", "config": config, "step": step, "history": history,
+        save_checkpoint(ckpt_path, {"kind": "dmd", "config": config, "teacher": teacher.fingerprint,
+                                    "step": step, "history": history,
                                     "train_time": train_time, "generator": generator.state_dict(),
                                     "fake_score": fake_score.state_dict(), "gen_opt": gen_opt.state_dict(),
                                     "fake_opt": fake_opt.state_dict(), "rng": rng_state(),
@@ -339,10 +372,7 @@ def train_dmd(config: dict, resume: bool = False, out: Path | None = None, real_
         # The fake score tracks the generator's current distribution (TTUR: `fake_updates` times).
         for _ in range(config["fake_updates"]):
             z, labels = noise_and_labels()
-            k = int(torch.randint(K, ()))
-            z_k, t_k = generate(generator, z, labels, K, first=k)  # backward simulation, no gradient
-            with torch.no_grad():
-                x = generator(z_k, torch.full((batch,), t_k, device=device), labels)
+            x = generator_samples(generator, z, labels, K)  # backward simulation, no gradient
             with autocast(config, device):
                 loss_fake = fake_score_loss(fake_score, x, labels)
             fake_opt.zero_grad(set_to_none=True)
@@ -351,10 +381,9 @@ def train_dmd(config: dict, resume: bool = False, out: Path | None = None, real_
             fake_opt.step()
         # The generator: distribution matching on its k-th step, plus regression.
         z, labels = noise_and_labels()
-        k = int(torch.randint(K, ()))
-        z_k, t_k = generate(generator, z, labels, K, first=k)
+        z_k, t_k = backward_simulation(generator, z, labels, K)  # the first k steps without gradient
         with autocast(config, device):
-            x = generator(z_k, torch.full((batch,), t_k, device=device), labels)
+            x = generator(z_k, t_k, labels)  # the k-th step, trained
             loss_dm = dmd_generator_loss(x, real_score_at(step), fake_score, labels)
             loss = loss_dm
             if pairs is not None:

@@ -1,7 +1,7 @@
 """Guided distillation: fold classifier-free guidance into a w-conditioned student, then halve its steps.
 
 Paper: Meng et al. 2023, "On Distillation of Guided Diffusion Models" (arXiv 2210.03142),
-pixel-space version. Formulas: ../shared/METHODS.md section 2. Convention: guidance weight w,
+pixel-space version. Formulas: docs/methods.md section 2. Convention: guidance weight w,
 x_hat^w = (1 + w) x_hat(z_t, c) - w x_hat(z_t, null), so w = 0 is the conditional model
 (diffusers' guidance_scale is 1 + w).
 
@@ -42,9 +42,10 @@ from pathlib import Path
 
 import torch
 
-from common import (Denoiser, UserError, alpha_sigma, check_compatible, ddim_sample, ddim_step, diffuse, guided,
-                    load_checkpoint, loss_by_t_bucket, pick_device, read_json, rng_state, run_cli, save_checkpoint,
-                    save_image_grid, save_scatter, seed_everything, set_rng_state, trainable_copy, write_json)
+from common import (Denoiser, UserError, alpha_sigma, check_compatible, ddim_sample, ddim_step, diffuse,
+                    guided, load_checkpoint, loss_by_t_bucket, no_grad_fp32, pick_device, read_json,
+                    rng_state, run_cli, save_checkpoint, save_image_grid, save_scatter, seed_everything,
+                    set_rng_state, trainable_copy, write_json)
 from data import BatchStream, toy_dataset
 from metrics import reference_metrics, sampler_floor
 from presets import parse_config
@@ -76,7 +77,8 @@ GD_PRESETS = {
     "toy": _TOY,
     "fmnist": {**_TOY, "start_steps": 256, "round_iterations": 5000, "pd_lr": 1e-4, "pd_batch_size": 128,
                "stage1_iterations": 10_000, "stage1_lr": 1e-4},
-    # PD's CIFAR-10 ladder (METHODS.md section 1) with the paper's pixel-space w range [0, 4].
+    # PD's CIFAR-10 settings (docs/methods.md section 1) from 1024 steps, the low end of the paper's
+    # range (1024 to 8192), with the pixel-space w range [0, 4].
     "cifar10": {**_TOY, "start_steps": 1024, "round_iterations": 50_000, "pd_lr": 5e-5, "pd_batch_size": 128,
                 "stage1_iterations": 50_000, "stage1_lr": 5e-5},
 }
@@ -99,7 +101,7 @@ def sample_w(n: int, config: dict, device) -> torch.Tensor:
     return config["w_min"] + (config["w_max"] - config["w_min"]) * torch.rand(n, device=device)
 
 
-@torch.no_grad()
+@no_grad_fp32()  # the guided teacher in fp32, also inside a bf16 step
 def guided_target(teacher: Denoiser, z_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, w) -> torch.Tensor:
     """x_hat^w_teacher(z_t, c) = (1 + w) x_hat(z_t, c) - w x_hat(z_t, null): two teacher calls."""
     return guided(teacher, w, teacher.null_label)(z_t, t, labels)

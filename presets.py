@@ -66,7 +66,7 @@ TEACHER_PRESETS = {
                "iterations": 30_000, "warmup": 1000, "ema_decay": 0.9995, "label_dropout": 0.1,
                "eval_steps": [1, 2, 4, 8, 64, 256], "eval_samples": 64,
                "log_every": 200, "ckpt_every": 2000, "sample_every": 5000},
-    # PD's official CIFAR-10 settings (METHODS.md section 1) on DDPM's network.
+    # PD's official CIFAR-10 settings (docs/methods.md section 1) on DDPM's network.
     "cifar10": {**_SHARED, "data": "cifar10", "net": "unet", "dropout": 0.2, "hflip": True,
                 "batch_size": 128, "lr": 2e-4, "iterations": 800_000, "warmup": 1000,
                 "ema_decay": 0.9999, "label_dropout": 0.1,

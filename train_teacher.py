@@ -3,7 +3,7 @@
 Paper: Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"
 (arXiv 2202.00512), Alg. 1 (standard diffusion training), with classifier-free guidance's
 label dropout (Ho & Salimans 2022) so that one network gives both x_hat(z_t, c) and
-x_hat(z_t, null). Formulas: ../shared/METHODS.md section 0.
+x_hat(z_t, null). Formulas: docs/methods.md section 0.
 
 Algorithm (per iteration):
     x, c ~ data;  c <- null with probability `label_dropout`
@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from common import (EMA, Denoiser, UserError, check_compatible, ddim_sample, diffusion_loss, drop_labels,
-                    frozen_denoiser, load_checkpoint, loss_by_t_bucket, pick_device, rng_state, run_cli,
-                    save_checkpoint, seed_everything, set_rng_state, write_json)
+                    fingerprint, frozen_denoiser, load_checkpoint, loss_by_t_bucket, pick_device, rng_state,
+                    run_cli, save_checkpoint, seed_everything, set_rng_state, write_json)
 from data import BatchStream, toy_dataset
 from metrics import evaluate_sampler
 from networks import build_network
@@ -162,6 +162,7 @@ def load_teacher(config: dict, device: torch.device, train_if_missing: bool = Tr
         raise UserError(f"{path} is not a teacher checkpoint (it holds a {state.get('kind')!r})")
     check_compatible(state["config"], config, TEACHER_KEYS, "teacher checkpoint", path)
     teacher = frozen_denoiser(state["config"], state["ema"]["model"], device)
+    teacher.checkpoint, teacher.fingerprint = str(path), fingerprint(state["ema"]["model"])  # what it is, for caches
     prepare_network(teacher, config, device, compile=False)  # students are copies of it
     return teacher
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
+import pickle
 import random
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +93,11 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain types, so that checkpoints load with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "python": list(random.getstate())}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -98,8 +105,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -124,14 +133,35 @@ def save_checkpoint(path, state: dict) -> None:
 
 
 def load_checkpoint(path, what: str = "checkpoint") -> dict:
-    """Load a checkpoint onto the CPU, or fail with one clear line."""
+    """Load a checkpoint onto the CPU, or fail with one clear line.
+
+    `weights_only=True`: only tensors and plain types are unpickled, so a checkpoint from someone
+    else cannot run code on this machine; every checkpoint written here holds nothing else.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path):  # not torch.save's format: a truncated or foreign file
+            raise UserError(f"{what} at {path} cannot be read ({type(e).__name__}); delete it and rerun") from None
+        # weights_only refused an object: code, or a checkpoint from before checkpoints held only tensors
+        raise UserError(f"{what} at {path} holds objects other than tensors and plain values (it could run code "
+                        "when loaded), so it was not loaded; delete it and rerun, or use a checkpoint you trust "
+                        "made by this version") from None
     except Exception as e:  # a truncated or foreign file
         raise UserError(f"{what} at {path} cannot be read ({type(e).__name__}); delete it and rerun") from None
+
+
+def fingerprint(state_dict: dict) -> str:
+    """A short hash of a model's weights: ties a cache or a recorded path to the very teacher it came from
+    (the step count alone does not: a retrained teacher has the same one)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def check_compatible(saved: dict, config: dict, keys, what: str, path) -> None:
@@ -141,6 +171,15 @@ def check_compatible(saved: dict, config: dict, keys, what: str, path) -> None:
         detail = ", ".join(f"{k}={saved.get(k)!r} (now {config.get(k)!r})" for k in diff)
         raise UserError(f"{what} at {path} does not match this run: {detail}; "
                         f"use the matching --preset or another --out-dir")
+
+
+def check_same_teacher(saved: str | None, teacher, what: str, path) -> None:
+    """Fail with one line if a checkpoint or recorded path was made from another teacher than this
+    run's (compared by `fingerprint` of the weights)."""
+    if saved != teacher.fingerprint:
+        raise UserError(f"{what} at {path} was made from another teacher than {teacher.checkpoint} "
+                        f"(weights {saved} vs {teacher.fingerprint}); delete it, or pass --tag or --out-dir "
+                        "for a new run")
 
 
 def read_json(path) -> dict:
