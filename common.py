@@ -23,7 +23,7 @@ Notation (names in the code follow the papers' symbols):
 The denoiser protocol: anything called as `denoiser(z_t, t, labels) -> x_hat`, with `t` a
 tensor of shape (B,) and `labels` (B,) ints, is a denoiser. Networks predict v;
 `Denoiser` wraps a network and turns v_hat into x_hat. The closed-form Gaussian-mixture
-denoiser in `data.py` follows the same protocol, so tests can use it as a perfect teacher.
+denoiser in `plumbing/data.py` follows the same protocol, so tests can use it as a perfect teacher.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 # Re-exported so that notebooks and coursework find everything shared under `common`.
-from networks import MLPDenoiserNet, UNet, build_network  # noqa: F401
-from training import (EMA, UserError, check_compatible, check_same_teacher, fingerprint,  # noqa: F401
-                      load_checkpoint, pick_device, read_json, rng_state, run_cli, save_checkpoint,
-                      save_image_grid, save_scatter, seed_everything, set_rng_state, write_json)
+from plumbing.networks import MLPDenoiserNet, UNet, build_network  # noqa: F401
+from plumbing.training import (EMA, UserError, check_compatible, check_same_teacher, fingerprint,  # noqa: F401
+                               load_checkpoint, pick_device, read_json, rng_state, run_cli, save_checkpoint,
+                               save_image_grid, save_scatter, seed_everything, set_rng_state, write_json)
 
 LOGSNR_CLIP = 20.0
 
@@ -61,10 +61,12 @@ def alpha_sigma(t) -> tuple[torch.Tensor, torch.Tensor]:
 
     alpha is clamped at 0 so that alpha_1 is exactly 0 (fp32 cos(pi/2) is -4e-8).
     """
+    ### BEGIN SOLUTION
     t = _as_time(t)
     alpha_t = torch.cos(0.5 * math.pi * t).clamp(min=0.0)
     sigma_t = torch.sin(0.5 * math.pi * t)
     return alpha_t, sigma_t
+    ### END SOLUTION
 
 
 def logsnr(t, clip: float = LOGSNR_CLIP) -> torch.Tensor:
@@ -144,10 +146,12 @@ def ddim_step(x_hat: torch.Tensor, z_t: torch.Tensor, t, s) -> torch.Tensor:
 
     At s = 0 this returns x_hat exactly (alpha_0 = 1, sigma_0 = 0).
     """
+    ### BEGIN SOLUTION
     alpha_t, sigma_t = _coeffs(t, z_t)
     alpha_s, sigma_s = _coeffs(s, z_t)
     eps_hat = (z_t - alpha_t * x_hat) / sigma_t
     return alpha_s * x_hat + sigma_s * eps_hat
+    ### END SOLUTION
 
 
 def invert_ddim(z_t: torch.Tensor, z_s: torch.Tensor, t, s) -> torch.Tensor:
@@ -157,10 +161,12 @@ def invert_ddim(z_t: torch.Tensor, z_s: torch.Tensor, t, s) -> torch.Tensor:
 
     The denominator is sin(pi (t - s) / 2) / sigma_t > 0 for t > s. At s = 0, x_tilde = z_0.
     """
+    ### BEGIN SOLUTION
     alpha_t, sigma_t = _coeffs(t, z_t)
     alpha_s, sigma_s = _coeffs(s, z_t)
     ratio = sigma_s / sigma_t
     return (z_s - ratio * z_t) / (alpha_s - ratio * alpha_t)
+    ### END SOLUTION
 
 
 def cfg(x_cond: torch.Tensor, x_uncond: torch.Tensor, w) -> torch.Tensor:
@@ -168,8 +174,10 @@ def cfg(x_cond: torch.Tensor, x_uncond: torch.Tensor, w) -> torch.Tensor:
 
         x_hat^w = (1 + w) x_hat(z_t, c) - w x_hat(z_t, null)        (w = 0: the conditional model)
     """
+    ### BEGIN SOLUTION
     w = bcast(_as_time(w, x_cond), x_cond)
     return (1.0 + w) * x_cond - w * x_uncond
+    ### END SOLUTION
 
 
 def guided(denoiser, w: float, null_label: int):

@@ -21,10 +21,10 @@ is no path, and DisBack is DMD exactly (a test checks it, bit for bit).
 Deliberate differences from the paper:
 - The toy preset records 1000 updates with a snapshot every 100 (N = 10), as the official code,
   at AdamW 1e-5: a slow rate makes the path gradual (the snapshots' loss on G_0's samples falls
-  from 1.25 to 0.078 in ten even-looking steps; at 1e-4 nine tenths of the fall come before
-  the first snapshot, and the "path" is one jump).
+  from 1.31 to 0.092 in ten even-looking steps; at 1e-4, 94% of the fall comes before the
+  first snapshot, and the "path" is one jump; docs/results.md, DisBack).
 - No GAN head, no SDXL: the official release is a patch on DMD2's SDXL code whose snapshot
-  loading silently matched no keys (a reviewer's finding); this follows the paper instead.
+  loading silently matched no keys; this follows the paper instead.
 
     python disback.py --steps 1                  # toy: teacher if missing, record the path, backtrack
     python disback.py --steps 1 --snapshots 0 --tag nopath   # no path: plain DMD (same seed, same result)
@@ -33,54 +33,49 @@ Deliberate differences from the paper:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from common import (UserError, check_same_teacher, load_checkpoint, pick_device, read_json, rng_state,
-                    run_cli, save_checkpoint, seed_everything, set_rng_state, trainable_copy, write_json)
-from dmd import (DMD_FIELDS, DMD_PRESETS, RUN_KEYS, adamw, check_config, fake_score_loss, generator_samples,
-                 run_dir, sample_labels, train_dmd)
-from presets import parse_config
-from train_teacher import load_teacher
-from training import progress
-
-DISBACK_FIELDS = {
-    **DMD_FIELDS,  # everything dmd.py takes: --steps, --reg-weight, --fake-updates, ...
-    "snapshots": (int, "N: snapshots s'_1..s'_N recorded along the degradation path (0: plain DMD)"),
-    "record_iterations": (int, "stage 1: updates of the teacher copy on the initial generator's samples"),
-    "record_lr": (float, "stage 1: AdamW learning rate"),
-    "interval": (int, "stage 2: generator updates on each snapshot before stepping back to the next"),
-}
-# What the recorded path depends on (besides the teacher's weights); a resumed stage 2 also keeps `interval`.
-PATH_KEYS = ("snapshots", "record_iterations", "record_lr", "steps", "seed", "dmd_batch_size", "dmd_label_dropout")
-DISBACK_PRESETS = {
-    # The official code: about 1000 recording updates, a snapshot every 100. Toy: the teacher is
-    # reached after 9 x 100 of DMD's 4000 generator updates.
-    "toy": {**DMD_PRESETS["toy"], "snapshots": 10, "record_iterations": 1000, "record_lr": 1e-5, "interval": 100},
-    "fmnist": {**DMD_PRESETS["fmnist"], "snapshots": 10, "record_iterations": 1000, "record_lr": 5e-5,
-               "interval": 500},
-    "cifar10": {**DMD_PRESETS["cifar10"], "snapshots": 10, "record_iterations": 1000, "record_lr": 5e-5,
-                "interval": 2000},
-}
+from common import (UserError, check_same_teacher, load_checkpoint, pick_device, run_cli, save_checkpoint,
+                    seed_everything, trainable_copy, write_json)
+from dmd import DMDConfig, adamw, fake_score_loss, generator_samples, sample_labels, train_dmd
+from plumbing.config import parse_config
+from plumbing.loop import Loop
+from plumbing.reports import compare_with_dmd
+from plumbing.training import optimizer_step
+from train_teacher import TeacherConfig, load_teacher
 
 
-def check_disback(config: dict) -> None:
-    check_config(config)
-    if config["snapshots"] < 0:
-        raise UserError(f"--snapshots must be >= 0 (0: plain DMD), got {config['snapshots']}")
-    if config["snapshots"] > 0 and (config["record_iterations"] < config["snapshots"]
-                                    or config["record_iterations"] % config["snapshots"]):
-        raise UserError(f"--record-iterations {config['record_iterations']} cannot hold {config['snapshots']} "
-                        "snapshots evenly; give a multiple of --snapshots")
-    if config["interval"] < 1:
-        raise UserError(f"--interval must be at least 1, got {config['interval']}")
-    if config["real_guidance"] > 0:
-        raise UserError("DisBack's path is recorded from the unguided teacher; use --real-guidance 0")
+@dataclass
+class DisBackConfig(DMDConfig):
+    """DisBack: DMD plus a recorded degradation path (docs/methods.md 4.3)"""
+
+    snapshots: int = 10               # N: snapshots s'_1..s'_N recorded along the degradation path (0: plain DMD)
+    record_iterations: int = 1000     # stage 1: updates of the teacher copy on G_0's samples (official code: ~1000)
+    record_lr: float = 5e-5           # stage 1: AdamW learning rate
+    interval: int = 2000              # stage 2: generator updates on each snapshot before stepping back
+
+    PRESETS: ClassVar[dict] = {
+        # Toy: a slow rate makes the path gradual; the teacher is reached after 9 x 100 of DMD's 4000 updates.
+        "toy": dict(record_lr=1e-5, interval=100),
+        "fmnist": dict(interval=500),
+    }
+
+    def check(self) -> None:
+        super().check()
+        check_config(self)  # below the algorithm
 
 
-def disback_dir(config: dict) -> Path:
-    return Path(config["out_dir"]) / (f"disback_{config['steps']}step" + (f"_{config['tag']}" if config["tag"] else ""))
+# What the recorded path and a resumed run must share with their checkpoints: every DMD and DisBack
+# field but DMD's resumable ones, and the seed.
+RUN_KEYS = DisBackConfig.run_keys(TeacherConfig)
+
+
+def disback_dir(config: DisBackConfig) -> Path:
+    return Path(config.out_dir) / (f"disback_{config.steps}step" + (f"_{config.tag}" if config.tag else ""))
 
 
 # ----------------------------------------------------------------------------------------
@@ -88,57 +83,43 @@ def disback_dir(config: dict) -> Path:
 # ----------------------------------------------------------------------------------------
 
 
-def record_degradation(teacher, config: dict, device, folder: Path) -> list[Path]:
+def record_degradation(teacher, config: DisBackConfig, device, folder: Path) -> list[Path]:
     """Fine-tune a copy of the teacher on the initial generator's samples with the denoising loss
     (dmd.fake_score_loss), saving a snapshot every record_iterations / N updates. Returns the paths
     of s'_1..s'_N; a run killed in between resumes from the last snapshot."""
-    n, iterations = config["snapshots"], config["record_iterations"]
+    n, iterations = config.snapshots, config.record_iterations
     paths = [folder / f"snapshot_{i:02d}.pt" for i in range(1, n + 1)]
     for p in folder.glob("snapshot_*.pt"):  # a path recorded with other settings or teacher is not this run's
         saved = load_checkpoint(p, "DisBack snapshot")
-        if any(saved["config"].get(k) != config[k] for k in PATH_KEYS):
-            diff = ", ".join(f"{k}={saved['config'].get(k)}" for k in PATH_KEYS if saved["config"].get(k) != config[k])
+        if any(saved["config"].get(k) != config[k] for k in RUN_KEYS):
+            diff = ", ".join(f"{k}={saved['config'].get(k)}" for k in RUN_KEYS if saved["config"].get(k) != config[k])
             raise UserError(f"{folder} holds a path recorded with other settings ({diff}); "
                             "pass --tag for a new run folder, or delete it")
         check_same_teacher(saved.get("teacher"), teacher, "the DisBack path", folder)
     if all(p.exists() for p in paths):
         return paths
     every = iterations // n
-    seed_everything(config["seed"] + 1)
+    seed_everything(config.seed + 1)
     score = trainable_copy(teacher)  # s' starts as s'_0 = the teacher
-    opt = adamw(score, config["record_lr"])
-    step = 0
-    progress_path = folder / "record_progress.pt"
-    if progress_path.exists():
-        state = load_checkpoint(progress_path, "path-recording checkpoint")
-        score.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        print(f"resuming the degradation recording at update {step}")
-    batch, shape = config["dmd_batch_size"], (2,) if config["net"] == "mlp" else (config["in_ch"], 32, 32)
-    losses = read_json(folder / "record_losses.json").get("losses", []) if step else []
-    bar = progress(range(step, every * n), "stage 1: recording the path", initial=step, total=every * n)
-    for step in bar:
+    opt = adamw(score, config.record_lr)
+    loop = Loop(folder / "record_progress.pt", config, "recording", every * n, {"model": score, "opt": opt},
+                "stage 1: recording the path", keys=RUN_KEYS, ckpt_every=every)
+    batch, shape = config.dmd_batch_size, (2,) if config.net == "mlp" else (config.in_ch, 32, 32)
+    losses = loop.extra.setdefault("losses", [])
+    for step in loop:
         z, labels = torch.randn(batch, *shape, device=device), sample_labels(batch, config).to(device)
         # G_0's samples, drawn as stage 2's fake score will see them (backward simulation for K > 1)
-        x = generator_samples(teacher, z, labels, config["steps"])
+        x = generator_samples(teacher, z, labels, config.steps)
         loss = fake_score_loss(score, x, labels)  # Alg. 1's denoising loss on G_0's samples
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(score.parameters(), config["grad_clip"])
-        opt.step()
-        step += 1
-        if step % every == 0:  # s'_i, i = step / every; then the progress that resumes after it
-            save_checkpoint(paths[step // every - 1], {"kind": "disback_snapshot", "config": config, "step": step,
-                                                       "teacher": teacher.fingerprint, "model": score.state_dict()})
-            losses.append({"snapshot": step // every, "step": step, "loss": loss.item()})
+        optimizer_step(opt, loss, score, config.grad_clip)
+        loop.log(loss=loss)
+        if loop.due(every):  # s'_i, i = (step + 1) / every
+            i = (step + 1) // every
+            save_checkpoint(paths[i - 1], {"kind": "disback_snapshot", "config": config, "step": step + 1,
+                                           "teacher": teacher.fingerprint, "model": score.state_dict()})
+            losses.append({"snapshot": i, "step": step + 1, "loss": loss.item()})
             write_json(folder / "record_losses.json", {"losses": losses})
-            save_checkpoint(progress_path, {"kind": "disback_record", "step": step, "model": score.state_dict(),
-                                            "opt": opt.state_dict(), "rng": rng_state()})
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    bar.close()
-    progress_path.unlink(missing_ok=True)
+    loop.path.unlink(missing_ok=True)
     return paths
 
 
@@ -150,7 +131,9 @@ def record_degradation(teacher, config: dict, device, folder: Path) -> list[Path
 def snapshot_index(step: int, n_snapshots: int, interval: int) -> int:
     """The snapshot j whose s'_j is the real score at generator update `step` (0-based):
     N-1 for the first `interval` updates, then N-2, ..., then 0 (the teacher) for good."""
+    ### BEGIN SOLUTION
     return max(n_snapshots - 1 - step // interval, 0)
+    ### END SOLUTION
 
 
 class BacktrackingPath:
@@ -174,69 +157,54 @@ class BacktrackingPath:
         return self.current
 
 
-def train_disback(config: dict, resume: bool = False) -> dict:
+def train_disback(config: DisBackConfig, resume: bool = False) -> dict:
     """Stage 1 (skipped when recorded), then stage 2 = dmd.train_dmd with the path's real scores."""
-    check_disback(config)
-    device = pick_device(config["device"])
+    device = pick_device(config.device)
     out = disback_dir(config)
     if ((out / "checkpoint.pt").exists() or (out / "snapshots").exists()) and not resume:
         raise UserError(f"{out} holds an earlier run; pass --resume to continue it, or --tag for a new run")
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
-    paths = record_degradation(teacher, config, device, out / "snapshots") if config["snapshots"] else []
-    path = BacktrackingPath(teacher, paths, config["interval"])
+    paths = record_degradation(teacher, config, device, out / "snapshots") if config.snapshots else []
+    path = BacktrackingPath(teacher, paths, config.interval)
     fake_start = load_checkpoint(paths[-1], "DisBack snapshot")["model"] if paths else None  # s'_N
     metrics = train_dmd(config, resume=resume, out=out, real_score_at=path, fake_start=fake_start,
-                        run_keys=(*RUN_KEYS, *PATH_KEYS, "interval"))
-    metrics["teacher_reached_at"] = max(len(paths) - 1, 0) * config["interval"]
+                        run_keys=RUN_KEYS)
+    metrics["teacher_reached_at"] = max(len(paths) - 1, 0) * config.interval
     metrics["comparison"] = compare_with_dmd(config, metrics)
     write_json(out / "metrics.json", metrics)
     return metrics
 
 
-def compare_with_dmd(config: dict, metrics: dict) -> dict:
-    """Against plain DMD's run with the same settings (run_dir of dmd.py), when it exists: the first
-    evaluated update at which each reaches the worse of the two final values, and a plot."""
-    dmd_metrics = read_json(run_dir(config) / "metrics.json")
-    key = "off_mode" if "off_mode" in metrics["final"] else "mmd"
-    if not dmd_metrics or key not in dmd_metrics.get("final", {}):
-        return {}
-    curves = {"DMD": dmd_metrics["history"], "DisBack": metrics["history"]}
-    target = max(curves["DMD"][-1][key], curves["DisBack"][-1][key])
-    reached = {name: next((h["step"] for h in hist if h[key] <= target), None) for name, hist in curves.items()}
-    plot_convergence(curves, key, metrics["teacher_reached_at"], disback_dir(config) / "convergence_vs_dmd.png")
-    return {"metric": key, "target": target, "updates_to_target": reached,
-            "final": {name: hist[-1][key] for name, hist in curves.items()},
-            "disback_recording_updates": config["record_iterations"] if config["snapshots"] else 0}
+# ----------------------------------------------------------------------------------------
+# Checks and the command line
+# ----------------------------------------------------------------------------------------
 
 
-def plot_convergence(curves: dict, key: str, teacher_reached_at: int, png: Path) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 3.5))
-    ax = fig.subplots()
-    for name, hist in curves.items():
-        ax.plot([h["step"] for h in hist], [h[key] for h in hist], "o-", ms=3, label=name)
-    ax.axvline(teacher_reached_at, c="0.5", ls=":", lw=1, label="DisBack reaches the teacher")
-    ax.set_yscale("log")
-    ax.set_xlabel("generator updates")
-    ax.set_ylabel(key.replace("_", "-"))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+def check_config(config: DisBackConfig) -> None:
+    """One-line errors for values that make no sense (called when a config is made)."""
+    if config.snapshots < 0:
+        raise UserError(f"--snapshots must be >= 0 (0: plain DMD), got {config.snapshots}")
+    n, m = config.snapshots, config.record_iterations
+    if n > 0 and (m < n or m % n):
+        raise UserError(f"--record-iterations {config.record_iterations} cannot hold {config.snapshots} "
+                        "snapshots evenly; give a multiple of --snapshots")
+    if config.interval < 1:
+        raise UserError(f"--interval must be at least 1, got {config.interval}")
+    if config.real_guidance > 0:
+        raise UserError("DisBack's path is recorded from the unguided teacher; use --real-guidance 0")
 
 
 def main(argv=None) -> None:
-    config = parse_config(__doc__.split("\n\n")[0], DISBACK_FIELDS, DISBACK_PRESETS, argv=argv,
-                          flags={"resume": "continue the run (recording or backtracking) from its checkpoint"})
-    resume = config.pop("resume")
-    check_disback(config)
-    print(f"DisBack, {config['preset']}: {config['snapshots']} snapshots from {config['record_iterations']} "
-          f"recording updates, {config['interval']} generator updates per snapshot, then DMD's loop "
-          f"({config['dmd_iterations']} updates)")
+    config, flags = parse_config(DisBackConfig, __doc__.split("\n\n")[0], argv,
+                                 {"resume": "continue the run (recording or backtracking) from its checkpoint"})
+    resume = flags["resume"]
+    print(f"DisBack, {config.preset}: {config.snapshots} snapshots from {config.record_iterations} "
+          f"recording updates, {config.interval} generator updates per snapshot, then DMD's loop "
+          f"({config.dmd_iterations} updates)")
     metrics = train_disback(config, resume=resume)
     final = metrics["final"]
     if "off_mode" in final:
-        print(f"{config['steps']}-step generator: off-mode {final['off_mode']:.1%}, MMD {final['mmd']:.4f}")
+        print(f"{config.steps}-step generator: off-mode {final['off_mode']:.1%}, MMD {final['mmd']:.4f}")
     if metrics["comparison"]:
         c = metrics["comparison"]
         print(f"updates to reach {c['metric']} {c['target']:.4f}: {c['updates_to_target']}")

@@ -35,7 +35,8 @@ Deliberate differences from the papers:
 - Per update the fake score trains first, on fresh samples, then the generator (DMD's Alg. 1
   updates the generator first and reuses its samples for the fake score).
 - On toy data the regression distance is MSE (LPIPS needs images and downloaded weights),
-  with weight 4, lr 4e-3, batch 256 and 4000 updates, tuned there (README); the cifar10 preset keeps the paper's values.
+  with weight 4, lr 4e-3, batch 256 and 4000 updates, tuned there (docs/results.md); the cifar10
+  preset keeps the paper's values.
 
     python dmd.py --steps 1                      # toy on the CPU: teacher first if missing
     python dmd.py --steps 4 --gen-lr 1e-3 --fake-lr 1e-3 --dmd-iterations 3000   # DMD2's multi-step
@@ -47,64 +48,119 @@ Deliberate differences from the papers:
 from __future__ import annotations
 
 import math
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from common import (EMA, UserError, check_compatible, check_same_teacher, ddim_sample, diffuse,
-                    diffusion_loss, guided, load_checkpoint, no_grad_fp32, pick_device, read_json, rng_state,
-                    run_cli, save_checkpoint, seed_everything, set_rng_state, trainable_copy, write_json)
-from metrics import evaluate_sampler
-from presets import parse_config
-from train_teacher import load_teacher, teacher_dir
-from training import LogWriter, autocast, progress, samples_per_second
+from common import (EMA, UserError, check_same_teacher, ddim_sample, diffuse, diffusion_loss, guided, load_checkpoint,
+                    no_grad_fp32, pick_device, run_cli, save_checkpoint, seed_everything, trainable_copy)
+from plumbing.config import parse_config
+from plumbing.image_metrics import load_lpips
+from plumbing.loop import Loop
+from plumbing.reports import DMDMonitor, dmd_report
+from plumbing.training import autocast, optimizer_step, progress
+from train_teacher import TeacherConfig, load_teacher, teacher_dir
 
-DMD_FIELDS = {
-    "steps": (int, "generator steps K: 1 is DMD's one-step generator, 2 or 4 DMD2's multi-step one"),
-    "dmd_iterations": (int, "generator updates"),
-    "dmd_batch_size": (int, "generator batch size (the fake score trains on the same size)"),
-    "gen_lr": (float, "generator AdamW learning rate"),
-    "fake_lr": (float, "fake score AdamW learning rate"),
-    "fake_updates": (int, "fake-score updates per generator update (1 = DMD, 5 = DMD2's TTUR)"),
-    "reg_weight": (float, "weight of the regression loss (paper 0.25; 0 disables it, the DMD2 setting)"),
-    "reg_loss": (str, "regression distance: mse, pseudo-huber or lpips (images, needs its weights)"),
-    "reg_pairs": (int, "size of the regression set of (noise, teacher sample) pairs"),
-    "reg_steps": (int, "teacher DDIM steps used to make the regression pairs"),
-    "real_guidance": (float, "classifier-free guidance weight w of the real score (0: none)"),
-    "gen_ema": (float, "EMA decay of the generator's weights (0: no EMA)"),
-    "lr_decay": (bool, "anneal both learning rates linearly to 0 over the run"),
-    "dmd_label_dropout": (float, "probability of training on the null label (1.0: unconditional)"),
-    "eval_every": (int, "generator updates between metrics and pictures"),
-    "tag": (str, "suffix of the run folder, to keep variants apart (e.g. noreg)"),
-}
-DMD_PRESETS = {
-    # Toy values tuned on gaussians8 (README): lr 1e-4 -> 4e-3 and regression 0.25 -> 4 moved it most;
-    # batch 256 reaches about what 512 does per update, in 0.6x the time.
-    "toy": {"steps": 1, "dmd_iterations": 4000, "dmd_batch_size": 256, "gen_lr": 4e-3, "fake_lr": 4e-3,
-            "fake_updates": 5, "reg_weight": 4.0, "reg_loss": "mse", "reg_pairs": 8192, "reg_steps": 256,
-            "real_guidance": 0.0, "gen_ema": 0.99, "lr_decay": False, "dmd_label_dropout": 1.0, "eval_every": 500,
-            "tag": ""},
-    "fmnist": {"steps": 1, "dmd_iterations": 20_000, "dmd_batch_size": 128, "gen_lr": 5e-5, "fake_lr": 5e-5,
-               "fake_updates": 5, "reg_weight": 0.25, "reg_loss": "pseudo-huber", "reg_pairs": 10_000,
-               "reg_steps": 64, "real_guidance": 0.0, "gen_ema": 0.999, "lr_decay": False,
-               "dmd_label_dropout": 0.1, "eval_every": 2000, "tag": ""},
-    # The paper's CIFAR-10 settings (docs/methods.md section 3): AdamW 5e-5, wd 0.01, batch 392, LPIPS x 0.25.
-    "cifar10": {"steps": 1, "dmd_iterations": 200_000, "dmd_batch_size": 392, "gen_lr": 5e-5, "fake_lr": 5e-5,
-                "fake_updates": 1, "reg_weight": 0.25, "reg_loss": "lpips", "reg_pairs": 100_000,
-                "reg_steps": 64, "real_guidance": 0.0, "gen_ema": 0.9999, "lr_decay": False,
-                "dmd_label_dropout": 0.1, "eval_every": 10_000, "tag": ""},
-}
 REG_LOSSES = ("mse", "pseudo-huber", "lpips")
-# A run's settings: resuming its checkpoint with other values would mix two runs. All of DMD's fields
-# but these, which a resumed run may change (more updates, another evaluation cadence).
-RESUMABLE_FIELDS = ("dmd_iterations", "eval_every", "tag")
-RUN_KEYS = (*(k for k in DMD_FIELDS if k not in RESUMABLE_FIELDS), "seed", "grad_clip")
+DM_T_MIN, DM_T_MAX = 0.02, 0.98  # the distribution-matching loss's time range (paper: 0.02 T to 0.98 T)
+NORMALISER_EPS = 1e-6
+
+
+@dataclass
+class DMDConfig(TeacherConfig):
+    """DMD (defaults: the paper's CIFAR-10 settings, docs/methods.md 3.4)"""
+
+    steps: int = 1                    # generator steps K: 1 is DMD's one-step generator, 2 or 4 DMD2's multi-step one
+    dmd_iterations: int = 200_000     # generator updates
+    dmd_batch_size: int = 392         # generator batch; the fake score trains on the same size (paper: 392)
+    gen_lr: float = 5e-5              # generator AdamW learning rate, weight decay 0.01 (paper: 5e-5)
+    fake_lr: float = 5e-5             # fake score AdamW learning rate (paper: 5e-5)
+    fake_updates: int = 1             # fake-score updates per generator update (DMD: 1; DMD2's TTUR: 5)
+    reg_weight: float = 0.25          # weight of the regression loss (paper: 0.25; 0 disables it, as DMD2)
+    reg_loss: str = "lpips"           # regression distance: lpips (paper; needs its weights), mse or pseudo-huber
+    reg_pairs: int = 100_000          # size of the regression set of (noise, teacher sample) pairs
+    reg_steps: int = 64               # teacher DDIM steps that make the regression pairs
+    real_guidance: float = 0.0        # classifier-free guidance weight w of the real score (0: none)
+    gen_ema: float = 0.9999           # EMA decay of the generator's weights, the one evaluated (0: no EMA)
+    lr_decay: bool = False            # anneal both learning rates linearly to 0 over the run
+    dmd_label_dropout: float = 0.1    # probability of training on the null label (1.0: unconditional)
+    eval_every: int = 10_000          # generator updates between metrics and pictures
+    tag: str = ""                     # suffix of the run folder, to keep variants apart (e.g. noreg)
+
+    PRESETS: ClassVar[dict] = {
+        # Toy values tuned on gaussians8 (docs/results.md): lr 4e-3 and regression weight 4 moved it most;
+        # batch 256 reaches about what 512 does per update, in 0.6x the time.
+        "toy": dict(dmd_iterations=4000, dmd_batch_size=256, gen_lr=4e-3, fake_lr=4e-3, fake_updates=5,
+                    reg_weight=4.0, reg_loss="mse", reg_pairs=8192, reg_steps=256, gen_ema=0.99,
+                    dmd_label_dropout=1.0, eval_every=500),
+        "fmnist": dict(dmd_iterations=20_000, dmd_batch_size=128, fake_updates=5, reg_loss="pseudo-huber",
+                       reg_pairs=10_000, gen_ema=0.999, eval_every=2000),
+    }
+    RESUMABLE: ClassVar[tuple] = ("dmd_iterations", "eval_every", "tag")  # more updates, another cadence
+
+    def check(self) -> None:
+        super().check()
+        check_config(self)  # below the algorithm
+
+
+# What a resumed run must share with its checkpoint: every DMD field but the three above, and the seed.
+RUN_KEYS = DMDConfig.run_keys(TeacherConfig)
 # What makes the regression pairs (besides the teacher's weights).
 REGRESSION_KEYS = ("reg_pairs", "reg_steps", "real_guidance", "dmd_label_dropout", "num_classes", "seed")
-DM_T_MIN, DM_T_MAX = 0.02, 0.98
-NORMALISER_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------------------
+# The losses (pure functions)
+# ----------------------------------------------------------------------------------------
+
+
+def dmd_generator_loss(x: torch.Tensor, real_score, fake_score, labels: torch.Tensor,
+                       t: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """DMD's distribution-matching loss for generator samples x (B, ...), with gradient grad
+    w.r.t. x (up to the mean over elements):
+
+        grad = (mu_fake(x_t, t) - mu_real(x_t, t)) / mean_{C,H,W} |x - mu_real(x_t, t)|
+        loss = 0.5 * mean || x - stopgrad(x - grad) ||^2
+    """
+    ### BEGIN SOLUTION
+    if t is None:
+        t = DM_T_MIN + (DM_T_MAX - DM_T_MIN) * torch.rand(x.shape[0], device=x.device)  # t ~ U[0.02, 0.98]
+    if eps is None:
+        eps = torch.randn_like(x)
+    with no_grad_fp32():  # both scores in fp32: grad is their (small) difference
+        x_t = diffuse(x.detach(), t, eps)  # x_t = alpha_t x + sigma_t eps
+        mu_real = real_score(x_t, t, labels)
+        mu_fake = fake_score(x_t, t, labels)
+        dims = tuple(range(1, x.dim()))
+        normaliser = (x.detach() - mu_real).abs().mean(dim=dims, keepdim=True)  # per sample
+        grad = (mu_fake - mu_real) / normaliser.clamp(min=NORMALISER_EPS)
+        grad = torch.nan_to_num(grad)
+    # stop-gradient trick: d/dx of 0.5 * (x - sg(x - grad))^2 is grad
+    return 0.5 * (x - (x - grad).detach()).pow(2).mean()
+    ### END SOLUTION
+
+
+def fake_score_loss(fake_score, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The fake score learns to denoise the generator's samples: Alg. 1's loss on x (detached)."""
+    ### BEGIN SOLUTION
+    return diffusion_loss(fake_score, x.detach(), labels)
+    ### END SOLUTION
+
+
+def regression_loss(x: torch.Tensor, y: torch.Tensor, kind: str, lpips=None) -> torch.Tensor:
+    """d(G(z_ref), y_ref): mse, pseudo-huber (sqrt(||x - y||^2 + c^2) - c, c = 0.00054 sqrt(d))
+    or LPIPS (the paper's choice for images)."""
+    if kind == "mse":
+        return (x - y).pow(2).flatten(1).mean(1).mean()
+    if kind == "pseudo-huber":
+        c = 0.00054 * math.sqrt(x[0].numel())
+        return (torch.sqrt((x - y).pow(2).flatten(1).sum(1) + c * c) - c).mean()
+    if kind == "lpips":
+        return lpips(x.clamp(-1, 1), y.clamp(-1, 1))
+    raise UserError(f"unknown --reg-loss {kind!r}; choose one of {', '.join(REG_LOSSES)}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -121,6 +177,7 @@ def generator_times(steps: int) -> list[float]:
 def generate(generator, z: torch.Tensor, labels: torch.Tensor, steps: int, first: int | None = None):
     """Sample with K steps; with `first=k`, run only the first k steps (backward simulation)
     and return the latent z_{t_k} and t_k that the k-th step starts from."""
+    ### BEGIN SOLUTION
     times = generator_times(steps)
     assert first is None or 0 <= first < steps, "backward simulation stops before the last step"
     z_t = z  # z_{t_0} = pure noise (t_0 = 1)
@@ -131,6 +188,7 @@ def generate(generator, z: torch.Tensor, labels: torch.Tensor, steps: int, first
         if k + 1 < len(times):  # re-noise with fresh noise to the next time
             z_t = diffuse(x, times[k + 1], torch.randn_like(x))
     return x
+    ### END SOLUTION
 
 
 def backward_simulation(generator, z: torch.Tensor, labels: torch.Tensor, steps: int):
@@ -151,117 +209,46 @@ def generator_samples(generator, z: torch.Tensor, labels: torch.Tensor, steps: i
 
 
 # ----------------------------------------------------------------------------------------
-# The losses (pure functions)
-# ----------------------------------------------------------------------------------------
-
-
-def dmd_generator_loss(x: torch.Tensor, real_score, fake_score, labels: torch.Tensor,
-                       t: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
-    """DMD's distribution-matching loss for generator samples x (B, ...), with gradient grad
-    w.r.t. x (up to the mean over elements):
-
-        grad = (mu_fake(x_t, t) - mu_real(x_t, t)) / mean_{C,H,W} |x - mu_real(x_t, t)|
-        loss = 0.5 * mean || x - stopgrad(x - grad) ||^2
-    """
-    if t is None:
-        t = DM_T_MIN + (DM_T_MAX - DM_T_MIN) * torch.rand(x.shape[0], device=x.device)  # t ~ U[0.02, 0.98]
-    if eps is None:
-        eps = torch.randn_like(x)
-    with no_grad_fp32():  # both scores in fp32: grad is their (small) difference
-        x_t = diffuse(x.detach(), t, eps)  # x_t = alpha_t x + sigma_t eps
-        mu_real = real_score(x_t, t, labels)
-        mu_fake = fake_score(x_t, t, labels)
-        dims = tuple(range(1, x.dim()))
-        normaliser = (x.detach() - mu_real).abs().mean(dim=dims, keepdim=True)  # per sample
-        grad = (mu_fake - mu_real) / normaliser.clamp(min=NORMALISER_EPS)
-        grad = torch.nan_to_num(grad)
-    # stop-gradient trick: d/dx of 0.5 * (x - sg(x - grad))^2 is grad
-    return 0.5 * (x - (x - grad).detach()).pow(2).mean()
-
-
-def fake_score_loss(fake_score, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The fake score learns to denoise the generator's samples: Alg. 1's loss on x (detached)."""
-    return diffusion_loss(fake_score, x.detach(), labels)
-
-
-def regression_loss(x: torch.Tensor, y: torch.Tensor, kind: str, lpips=None) -> torch.Tensor:
-    """d(G(z_ref), y_ref): mse, pseudo-huber (sqrt(||x - y||^2 + c^2) - c, c = 0.00054 sqrt(d))
-    or LPIPS (the paper's choice for images)."""
-    if kind == "mse":
-        return (x - y).pow(2).flatten(1).mean(1).mean()
-    if kind == "pseudo-huber":
-        c = 0.00054 * math.sqrt(x[0].numel())
-        return (torch.sqrt((x - y).pow(2).flatten(1).sum(1) + c * c) - c).mean()
-    if kind == "lpips":
-        return lpips(x.clamp(-1, 1), y.clamp(-1, 1))
-    raise UserError(f"unknown --reg-loss {kind!r}; choose one of {', '.join(REG_LOSSES)}")
-
-
-def load_lpips(config: dict, device):
-    """LPIPS through torchmetrics; its VGG weights must be downloadable or cached."""
-    if config["net"] == "mlp":
-        raise UserError("--reg-loss lpips needs images; use --reg-loss mse or pseudo-huber on toy data")
-    try:
-        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-    except ImportError:
-        raise UserError("--reg-loss lpips needs torchmetrics (pip install torchmetrics); "
-                        "or use --reg-loss pseudo-huber") from None
-    try:
-        metric = LearnedPerceptualImagePatchSimilarity(net_type="vgg", normalize=False).to(device)
-    except Exception as e:
-        raise UserError(f"LPIPS weights cannot be loaded ({type(e).__name__}); "
-                        "use --reg-loss pseudo-huber, which needs no download") from None
-
-    def lpips(x, y):
-        if x.shape[1] == 1:  # grey images: LPIPS's network wants three channels
-            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
-        with torch.autocast(x.device.type, enabled=False):  # the comparison in fp32
-            return metric(x.float(), y.float())
-
-    return lpips
-
-
-# ----------------------------------------------------------------------------------------
 # The regression set: (z, labels, y) with y the teacher's deterministic sample from z
 # ----------------------------------------------------------------------------------------
 
 
-def sample_labels(n: int, config: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_labels(n: int, config: DMDConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Class labels uniform over the classes, each replaced by the null label w.p. dmd_label_dropout."""
-    labels = torch.randint(config["num_classes"], (n,), generator=generator)
-    drop = torch.rand(n, generator=generator) < config["dmd_label_dropout"]
-    return torch.where(drop, torch.full_like(labels, config["num_classes"]), labels)
+    labels = torch.randint(config.num_classes, (n,), generator=generator)
+    drop = torch.rand(n, generator=generator) < config.dmd_label_dropout
+    return torch.where(drop, torch.full_like(labels, config.num_classes), labels)
 
 
-def regression_pairs(teacher, config: dict, device) -> dict:
+def regression_pairs(teacher, config: DMDConfig, device) -> dict:
     """Generated once with a progress bar and cached beside the teacher, keyed on everything that
     makes the pairs: the teacher's weights, the real score's guidance, the labels, the sampler, the seed."""
     key = {"teacher": teacher.fingerprint, **{k: config[k] for k in REGRESSION_KEYS}}
-    name = (f"regression_{config['reg_pairs']}x{config['reg_steps']}_null{config['dmd_label_dropout']:g}"
-            f"_w{config['real_guidance']:g}.pt")
+    name = (f"regression_{config.reg_pairs}x{config.reg_steps}_null{config.dmd_label_dropout:g}"
+            f"_w{config.real_guidance:g}.pt")
     path = teacher_dir(config) / name
     if path.exists():
         pairs = load_checkpoint(path, "regression set")
         if pairs.get("key") == key:
             return pairs  # made by this very teacher with these settings; otherwise made anew below
-    g = torch.Generator().manual_seed(config["seed"] + 777)
-    n = config["reg_pairs"]
-    shape = (2,) if config["net"] == "mlp" else (config["in_ch"], 32, 32)
+    g = torch.Generator().manual_seed(config.seed + 777)
+    n = config.reg_pairs
+    shape = (2,) if config.net == "mlp" else (config.in_ch, 32, 32)
     z, labels = torch.randn(n, *shape, generator=g), sample_labels(n, config, g)
-    ys, batch = [], 1024 if config["net"] == "mlp" else 256
+    ys, batch = [], 1024 if config.net == "mlp" else 256
     real = real_score_of(teacher, config)
-    for i in progress(range(0, n, batch), f"regression set ({config['reg_steps']}-step teacher DDIM)"):
+    for i in progress(range(0, n, batch), f"regression set ({config.reg_steps}-step teacher DDIM)"):
         zb, cb = z[i:i + batch].to(device), labels[i:i + batch].to(device)
         with no_grad_fp32():  # targets in fp32
-            ys.append(ddim_sample(real, zb, config["reg_steps"], cb).cpu())
+            ys.append(ddim_sample(real, zb, config.reg_steps, cb).cpu())
     pairs = {"z": z, "labels": labels, "y": torch.cat(ys), "key": key}
     save_checkpoint(path, pairs)
     return pairs
 
 
-def real_score_of(teacher, config: dict):
+def real_score_of(teacher, config: DMDConfig):
     """mu_real: the teacher, guided with weight w when `real_guidance` > 0."""
-    w = config["real_guidance"]
+    w = config.real_guidance
     return guided(teacher, w, teacher.null_label) if w > 0 else teacher
 
 
@@ -270,247 +257,132 @@ def real_score_of(teacher, config: dict):
 # ----------------------------------------------------------------------------------------
 
 
-def check_config(config: dict) -> None:
-    if config["steps"] < 1:
-        raise UserError(f"--steps must be at least 1 (1 = one-step generator), got {config['steps']}")
-    if config["reg_loss"] not in REG_LOSSES:
-        raise UserError(f"unknown --reg-loss {config['reg_loss']!r}; choose one of {', '.join(REG_LOSSES)}")
-    if config["fake_updates"] < 1:
-        raise UserError(f"--fake-updates must be at least 1, got {config['fake_updates']}")
-    if config["real_guidance"] < 0:
-        raise UserError(f"--real-guidance must be >= 0, got {config['real_guidance']}")
-    if config["reg_weight"] < 0:
-        raise UserError(f"--reg-weight must be >= 0, got {config['reg_weight']}")
-    if not 0.0 <= config["gen_ema"] < 1.0:
-        raise UserError(f"--gen-ema must be in [0, 1), got {config['gen_ema']}")
-
-
-def run_dir(config: dict) -> Path:
-    return Path(config["out_dir"]) / (f"dmd_{config['steps']}step" + (f"_{config['tag']}" if config["tag"] else ""))
+def run_dir(config: DMDConfig) -> Path:
+    return Path(config.out_dir) / (f"dmd_{config.steps}step" + (f"_{config.tag}" if config.tag else ""))
 
 
 def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.999))
 
 
-def train_dmd(config: dict, resume: bool = False, out: Path | None = None, real_score_at=None,
+def noise_and_labels(config: DMDConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of generator inputs: z ~ N(0, I) and labels (null w.p. dmd_label_dropout)."""
+    shape = (2,) if config.net == "mlp" else (config.in_ch, 32, 32)
+    return (torch.randn(config.dmd_batch_size, *shape, device=device),
+            sample_labels(config.dmd_batch_size, config).to(device))
+
+
+def fake_score_update(fake_score, opt, generator, z, labels, config: DMDConfig) -> torch.Tensor:
+    """One step of the fake score on the generator's current samples (Alg. 1's loss)."""
+    x = generator_samples(generator, z, labels, config.steps)  # backward simulation, no gradient
+    with autocast(config, z.device):
+        loss = fake_score_loss(fake_score, x, labels)
+    optimizer_step(opt, loss, fake_score, config.grad_clip)
+    return loss
+
+
+def generator_update(generator, opt, real_score, fake_score, z, labels, pairs: dict | None, config: DMDConfig,
+                     lpips=None) -> dict:
+    """One generator step on loss_DM + reg_weight * loss_reg, at the k-th of its K steps."""
+    z_k, t_k = backward_simulation(generator, z, labels, config.steps)  # the first k steps without gradient
+    with autocast(config, z.device):
+        x = generator(z_k, t_k, labels)  # the k-th step, trained
+        losses = {"loss_dm": dmd_generator_loss(x, real_score, fake_score, labels)}
+        if pairs is not None:  # G(z_ref) at the top time against the teacher's sample y_ref from z_ref
+            idx = torch.randint(len(pairs["y"]), (len(z),))
+            z_ref, c_ref, y_ref = (pairs[key][idx].to(z.device) for key in ("z", "labels", "y"))
+            x_ref = generator(z_ref, torch.ones(len(z), device=z.device), c_ref)
+            losses["loss_reg"] = regression_loss(x_ref, y_ref, config.reg_loss, lpips)
+        loss = losses["loss_dm"] + config.reg_weight * losses.get("loss_reg", 0.0)
+    losses["grad_norm"] = optimizer_step(opt, loss, generator, config.grad_clip)
+    return losses
+
+
+def train_dmd(config: DMDConfig, resume: bool = False, out: Path | None = None, real_score_at=None,
               fake_start: dict | None = None, run_keys=RUN_KEYS) -> dict:
     """The loop above. DisBack (disback.py) reuses it unchanged apart from four arguments: its run
     folder `out`, `real_score_at(step)`, the real score for generator update `step` (DMD: always
     the teacher), `fake_start`, the fake score's initial weights (DMD: the teacher's), and
     `run_keys`, the settings a resumed checkpoint must share (DisBack adds its path's)."""
-    check_config(config)
-    device = pick_device(config["device"])
+    device = pick_device(config.device)
     out = out or run_dir(config)
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not resume:
-        raise UserError(f"{out} holds an earlier run; pass --resume to continue it, or --tag for a new run")
-    lpips = load_lpips(config, device) if config["reg_weight"] > 0 and config["reg_loss"] == "lpips" else None
+    lpips = load_lpips(config, device) if config.reg_weight > 0 and config.reg_loss == "lpips" else None
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
     if real_score_at is None:
         real_score = real_score_of(teacher, config)
 
         def real_score_at(step):
             return real_score
-    pairs = regression_pairs(teacher, config, device) if config["reg_weight"] > 0 else None
+    pairs = regression_pairs(teacher, config, device) if config.reg_weight > 0 else None
 
-    seed_everything(config["seed"])
+    seed_everything(config.seed)
     generator, fake_score = trainable_copy(teacher), trainable_copy(teacher)  # both start as the teacher
     if fake_start is not None:
         fake_score.load_state_dict(fake_start)
-    gen_opt, fake_opt = adamw(generator, config["gen_lr"]), adamw(fake_score, config["fake_lr"])
-    ema = EMA(generator, config["gen_ema"]) if config["gen_ema"] > 0 else None
-    step, history, train_time = 0, [], 0.0
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, "DMD checkpoint")
-        check_compatible(state["config"], config, run_keys, "DMD checkpoint", ckpt_path)
-        check_same_teacher(state.get("teacher"), teacher, "DMD checkpoint", ckpt_path)
-        generator.load_state_dict(state["generator"])
-        fake_score.load_state_dict(state["fake_score"])
-        gen_opt.load_state_dict(state["gen_opt"])
-        fake_opt.load_state_dict(state["fake_opt"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        set_rng_state(state["rng"])
-        step, history, train_time = state["step"], state["history"], state["train_time"]
-        print(f"resuming {out} at generator update {step}")
-    log = LogWriter(out / "log.jsonl", resume=step > 0)
-    if step > 0:
-        log.restore(state.get("log"))
-    sampler = ema.model if ema is not None else generator
-    batch, K = config["dmd_batch_size"], config["steps"]
-    shape = (2,) if config["net"] == "mlp" else (config["in_ch"], 32, 32)
+    gen_opt, fake_opt = adamw(generator, config.gen_lr), adamw(fake_score, config.fake_lr)
+    ema = EMA(generator, config.gen_ema) if config.gen_ema > 0 else None
+    nets = {"generator": generator, "fake_score": fake_score, "gen_opt": gen_opt, "fake_opt": fake_opt}
+    loop = Loop(out / "checkpoint.pt", config, "dmd", config.dmd_iterations,
+                {**nets, **({"ema": ema} if ema is not None else {})}, f"DMD {config.steps}-step", keys=run_keys,
+                resume=resume, checkpoint_at_end=True, kind="dmd")
+    if loop.resumed:
+        check_same_teacher(loop.saved.get("teacher"), teacher, "DMD checkpoint", loop.path)
+    loop.more["teacher"] = teacher.fingerprint
+    sampler = ema.model if ema is not None else generator  # what is evaluated
+    monitor = DMDMonitor(config, out, sampler, device, loop.extra.setdefault("history", []))
+    if not loop.resumed:
+        monitor(0)
 
-    def noise_and_labels():
-        return torch.randn(batch, *shape, device=device), sample_labels(batch, config).to(device)
-
-    def evaluate(tag_step: int) -> dict:
-        sampler.eval()
-        result = evaluate_sampler(lambda z, c, n: generate(sampler, z, c, n), config, out / f"eval_{tag_step:07d}",
-                                  [K], device, title=f"DMD update {tag_step}: ")[K]
-        sampler.train()
-        return {"step": tag_step, **result}
-
-    def checkpoint():
-        save_checkpoint(ckpt_path, {"kind": "dmd", "config": config, "teacher": teacher.fingerprint,
-                                    "step": step, "history": history,
-                                    "train_time": train_time, "generator": generator.state_dict(),
-                                    "fake_score": fake_score.state_dict(), "gen_opt": gen_opt.state_dict(),
-                                    "fake_opt": fake_opt.state_dict(), "rng": rng_state(),
-                                    "ema": ema.state_dict() if ema is not None else None, "log": log.records()})
-
-    if step == 0:
-        history.append(evaluate(0))
-    bar = progress(range(step, config["dmd_iterations"]), f"DMD {K}-step", initial=step,
-                   total=config["dmd_iterations"])
-    start = time.perf_counter()
-    for step in bar:
-        if config["lr_decay"]:
-            scale = 1.0 - step / config["dmd_iterations"]
-            gen_opt.param_groups[0]["lr"], fake_opt.param_groups[0]["lr"] = (config["gen_lr"] * scale,
-                                                                              config["fake_lr"] * scale)
-        # The fake score tracks the generator's current distribution (TTUR: `fake_updates` times).
-        for _ in range(config["fake_updates"]):
-            z, labels = noise_and_labels()
-            x = generator_samples(generator, z, labels, K)  # backward simulation, no gradient
-            with autocast(config, device):
-                loss_fake = fake_score_loss(fake_score, x, labels)
-            fake_opt.zero_grad(set_to_none=True)
-            loss_fake.backward()
-            torch.nn.utils.clip_grad_norm_(fake_score.parameters(), config["grad_clip"])
-            fake_opt.step()
-        # The generator: distribution matching on its k-th step, plus regression.
-        z, labels = noise_and_labels()
-        z_k, t_k = backward_simulation(generator, z, labels, K)  # the first k steps without gradient
-        with autocast(config, device):
-            x = generator(z_k, t_k, labels)  # the k-th step, trained
-            loss_dm = dmd_generator_loss(x, real_score_at(step), fake_score, labels)
-            loss = loss_dm
-            if pairs is not None:
-                idx = torch.randint(len(pairs["y"]), (batch,))
-                z_ref, c_ref, y_ref = (pairs[key][idx].to(device) for key in ("z", "labels", "y"))
-                x_ref = generator(z_ref, torch.ones(batch, device=device), c_ref)  # G(z_ref) at the top time
-                loss_reg = regression_loss(x_ref, y_ref, config["reg_loss"], lpips)
-                loss = loss_dm + config["reg_weight"] * loss_reg
-        gen_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(generator.parameters(), config["grad_clip"])
-        gen_opt.step()
+    for step in loop:
+        if config.lr_decay:
+            for opt, lr in ((gen_opt, config.gen_lr), (fake_opt, config.fake_lr)):
+                opt.param_groups[0]["lr"] = lr * (1.0 - step / config.dmd_iterations)
+        for _ in range(config.fake_updates):  # the fake score tracks the generator (TTUR)
+            z, labels = noise_and_labels(config, device)
+            loss_fake = fake_score_update(fake_score, fake_opt, generator, z, labels, config)
+        z, labels = noise_and_labels(config, device)
+        losses = generator_update(generator, gen_opt, real_score_at(step), fake_score, z, labels, pairs, config, lpips)
         if ema is not None:
             ema.update(generator)
-        step += 1
-        if step % config["log_every"] == 0 or step == config["dmd_iterations"]:
-            record = {"step": step, "loss_dm": loss_dm.item(), "loss_fake": loss_fake.item(),
-                      "grad_norm": grad_norm.item()}
-            if pairs is not None:
-                record["loss_reg"] = loss_reg.item()
-            log.write(record)
-            bar.set_postfix(dm=f"{record['loss_dm']:.2e}", fake=f"{record['loss_fake']:.3f}")
-        if step % config["eval_every"] == 0 or step == config["dmd_iterations"]:
-            train_time += time.perf_counter() - start
-            save_dm_view(generator, real_score_at(step - 1), fake_score, config, device,
-                         out / f"eval_{step:07d}" / "dm_view.png")
-            history.append(evaluate(step))
-            start = time.perf_counter()
-            if "off_mode" in history[-1]:
-                bar.write(f"  update {step}: off-mode {history[-1]['off_mode']:.1%}  MMD {history[-1]['mmd']:.4f}")
-        if step % config["ckpt_every"] == 0 or step == config["dmd_iterations"]:
-            checkpoint()
-    bar.close()
-    log.plot(out / "loss.png", f"DMD {K}-step: losses")
-    return finish(config, out, history, train_time, sampler, device)
+        loop.log(**losses, loss_fake=loss_fake)
+        if loop.due(config.eval_every):
+            with loop.off_the_clock():
+                loop.write(monitor(step + 1, generator, real_score_at(step), fake_score))
+    loop.log_writer.plot(out / "loss.png", f"DMD {config.steps}-step: losses")
+    return dmd_report(config, out, monitor.history, loop.seconds, sampler, device)
 
 
 # ----------------------------------------------------------------------------------------
-# Reporting
+# Checks and the command line
 # ----------------------------------------------------------------------------------------
 
 
-def save_dm_view(generator, real_score, fake_score, config: dict, device, png: Path) -> None:
-    """DMD2's debugging view: the generator's output x beside the real and fake scores'
-    predictions from the same noised x_t (t = 0.25). Where they differ is where G is pushed."""
-    from common import save_image_grid, save_scatter
-
-    g = torch.Generator().manual_seed(config["eval_seed"] + 1)
-    n = 500 if config["net"] == "mlp" else 8
-    shape = (2,) if config["net"] == "mlp" else (config["in_ch"], 32, 32)
-    z, labels = torch.randn(n, *shape, generator=g).to(device), sample_labels(n, config, g).to(device)
-    t = torch.full((n,), 0.25, device=device)
-    generator.eval()
-    with torch.no_grad():
-        x = generate(generator, z, labels, config["steps"])
-        x_t = diffuse(x, t, torch.randn(x.shape, generator=g).to(device))
-        panels = {"generator x": x, "real score mu_real(x_t)": real_score(x_t, t, labels),
-                  "fake score mu_fake(x_t)": fake_score(x_t, t, labels)}
-    generator.train()
-    if config["net"] == "mlp":
-        save_scatter({k: v.cpu().numpy() for k, v in panels.items()}, png)
-    else:
-        save_image_grid(torch.cat(list(panels.values())), png, nrow=n)
-
-
-def finish(config: dict, out: Path, history: list, train_time: float, sampler, device) -> dict:
-    """metrics.json: the final generator beside the teacher's DDIM, the convergence history,
-    and the sampling speed (samples/s, generator K steps vs the teacher's 256-step DDIM)."""
-    teacher_metrics = read_json(teacher_dir(config) / "metrics.json")
-    speed = sampling_speed(sampler, config, device)
-    metrics = {"preset": config["preset"], "steps": config["steps"], "reg_weight": config["reg_weight"],
-               "fake_updates": config["fake_updates"], "train_time_s": round(train_time, 1),
-               "final": history[-1], "history": history, "teacher_ddim": teacher_metrics.get("ddim", {}),
-               "samples_per_s": speed}
-    write_json(out / "metrics.json", metrics)
-    plot_history(history, teacher_metrics.get("ddim", {}), out / "convergence.png", config)
-    return metrics
-
-
-@torch.no_grad()
-def sampling_speed(sampler, config: dict, device, teacher_steps: int = 256) -> dict:
-    """Samples per second on one batch after a warm-up, synchronised on CUDA."""
-    teacher = load_teacher(config, device, train_if_missing=False)
-    n = 2000 if config["net"] == "mlp" else 64
-    shape = (2,) if config["net"] == "mlp" else (config["in_ch"], 32, 32)
-    z = torch.randn(n, *shape, device=device)
-    labels = torch.full((n,), config["num_classes"], device=device)
-
-    sampler.eval()
-    gen = samples_per_second(lambda: generate(sampler, z, labels, config["steps"]), n, device)
-    sampler.train()
-    ddim = samples_per_second(lambda: ddim_sample(teacher, z, teacher_steps, labels), n, device)
-    return {"batch": n, "generator": round(gen, 1), f"teacher_ddim_{teacher_steps}": round(ddim, 1),
-            "speedup": round(gen / ddim, 1)}
-
-
-def plot_history(history: list, teacher: dict, png: Path, config: dict) -> None:
-    from matplotlib.figure import Figure
-
-    key = "off_mode" if "off_mode" in history[-1] else "mmd"
-    if key not in history[-1]:
-        return
-    fig = Figure(figsize=(5.5, 3.5))
-    ax = fig.subplots()
-    ax.plot([h["step"] for h in history], [h[key] for h in history], "o-", label=f"DMD {config['steps']}-step")
-    for steps, style in (("1", ":"), ("4", "--"), ("256", "-")):
-        if steps in teacher and key in teacher[steps]:
-            ax.axhline(teacher[steps][key], ls=style, c="0.4", lw=1, label=f"teacher DDIM {steps}")
-    ax.set_yscale("log")
-    ax.set_xlabel("generator updates")
-    ax.set_ylabel(key.replace("_", "-"))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+def check_config(config: DMDConfig) -> None:
+    """One-line errors for values that make no sense (called when a config is made)."""
+    if config.steps < 1:
+        raise UserError(f"--steps must be at least 1 (1 = one-step generator), got {config.steps}")
+    if config.reg_loss not in REG_LOSSES:
+        raise UserError(f"unknown --reg-loss {config.reg_loss!r}; choose one of {', '.join(REG_LOSSES)}")
+    if config.fake_updates < 1:
+        raise UserError(f"--fake-updates must be at least 1, got {config.fake_updates}")
+    if config.real_guidance < 0:
+        raise UserError(f"--real-guidance must be >= 0, got {config.real_guidance}")
+    if config.reg_weight < 0:
+        raise UserError(f"--reg-weight must be >= 0, got {config.reg_weight}")
+    if not 0.0 <= config.gen_ema < 1.0:
+        raise UserError(f"--gen-ema must be in [0, 1), got {config.gen_ema}")
 
 
 def main(argv=None) -> None:
-    config = parse_config(__doc__.split("\n\n")[0], DMD_FIELDS, DMD_PRESETS, argv=argv,
-                          flags={"resume": "continue the run from its checkpoint"})
-    resume = config.pop("resume")
-    check_config(config)
-    print(f"DMD, {config['preset']}: {config['steps']}-step generator, {config['dmd_iterations']} updates, "
-          f"{config['fake_updates']} fake-score updates each, regression weight {config['reg_weight']}")
+    config, flags = parse_config(DMDConfig, __doc__.split("\n\n")[0], argv,
+                                 {"resume": "continue the run from its checkpoint"})
+    resume = flags["resume"]
+    print(f"DMD, {config.preset}: {config.steps}-step generator, {config.dmd_iterations} updates, "
+          f"{config.fake_updates} fake-score updates each, regression weight {config.reg_weight}")
     metrics = train_dmd(config, resume=resume)
     final, teacher = metrics["final"], metrics["teacher_ddim"]
     if "off_mode" in final:
-        line = f"{config['steps']}-step generator: off-mode {final['off_mode']:.1%}, MMD {final['mmd']:.4f}"
+        line = f"{config.steps}-step generator: off-mode {final['off_mode']:.1%}, MMD {final['mmd']:.4f}"
         if "256" in teacher:
             line += f" (teacher DDIM 256 steps: {teacher['256']['off_mode']:.1%}, {teacher['256']['mmd']:.4f})"
         print(line)

@@ -13,7 +13,7 @@ makes it. Toy rows use `metrics.toy_metrics` on the same noise as the scripts' o
 so the numbers are the same. Guided students are the exception: their script measures them
 against the guided teacher, this table against the data, at `--guided-w` (default 0) with
 class-balanced labels. Image rows use the Frechet distance in the feature space of a
-small classifier trained once per data set (`image_metrics.py`; not comparable with Inception
+small classifier trained once per data set (`plumbing/image_metrics.py`; not comparable with Inception
 FID), that classifier's accuracy on class-conditional samples, and with `--inception`
 torchmetrics' Inception FID. Speed: samples/s on one batch of `--speed-batch` for every
 method, after a warm-up, synchronised on CUDA, best of three.
@@ -28,32 +28,42 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from common import (Denoiser, UserError, check_compatible, ddim_sample, frozen_denoiser, load_checkpoint, pick_device,
                     run_cli, save_image_grid)
-from metrics import evaluate_sampler
-from presets import TEACHER_KEYS, parse_config
-from train_teacher import load_teacher
-from training import samples_per_second, seeded_rng
+from plumbing.config import NetworkConfig, parse_config
+from plumbing.metrics import evaluate_sampler
+from plumbing.training import samples_per_second, seeded_rng
+from train_teacher import TeacherConfig, load_teacher
 
-EVAL_FIELDS = {
-    "num_samples": (int, "samples per row (toy: the scripts' eval_samples, so the numbers match theirs)"),
-    "speed_batch": (int, "batch size of the samples/s measurement, the same for every method"),
-    "teacher_steps": ("ints", "the teacher's DDIM step counts (its reference curve)"),
-    "guided_w": (float, "guidance weight at which guided students are measured (0: conditional, like the data)"),
-    "classifier_steps": (int, "images: training steps of the offline feature classifier (cached)"),
-    "inception": (bool, "images: also Inception FID (torchmetrics; needs torch-fidelity and its weights)"),
-}
-EVAL_PRESETS = {
-    "toy": {"num_samples": 2000, "speed_batch": 2000, "teacher_steps": [1, 2, 4, 8, 16, 64, 256], "guided_w": 0.0,
-            "classifier_steps": 0, "inception": False},
-    "fmnist": {"num_samples": 10_000, "speed_batch": 64, "teacher_steps": [1, 2, 4, 8, 64, 256], "guided_w": 0.0,
-               "classifier_steps": 3000, "inception": False},
-    "cifar10": {"num_samples": 50_000, "speed_batch": 64, "teacher_steps": [1, 2, 4, 8, 64, 256],
-                "guided_w": 0.0, "classifier_steps": 5000, "inception": True},
-}
+
+@dataclass
+class EvalConfig(TeacherConfig):
+    """The comparison: what is sampled, how many, and how speed is measured"""
+
+    num_samples: int = 50_000         # samples per row (toy: the scripts' eval_samples, so the numbers match)
+    speed_batch: int = 64             # batch size of the samples/s measurement, the same for every method
+    teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 64, 256])  # the teacher's DDIM steps
+    guided_w: float = 0.0             # guidance weight of guided students (0: conditional, like the data)
+    classifier_steps: int = 5000      # images: training steps of the offline feature classifier (cached)
+    inception: bool = True            # images: also Inception FID (torchmetrics; needs torch-fidelity and weights)
+
+    PRESETS: ClassVar[dict] = {
+        "toy": dict(num_samples=2000, speed_batch=2000, teacher_steps=[1, 2, 4, 8, 16, 64, 256], classifier_steps=0,
+                    inception=False),
+        "fmnist": dict(num_samples=10_000, classifier_steps=3000, inception=False),
+    }
+
+    def check(self) -> None:
+        super().check()
+        if self.num_samples < 2 or self.speed_batch < 1:
+            raise UserError("--num-samples must be at least 2 and --speed-batch at least 1")
+
+
+NETWORK_KEYS = NetworkConfig.network_keys()  # what every student must share with the teacher
 METHODS = {  # name: (folder glob, the command that makes it)
     "PD": ("pd", "python progressive_distill.py --preset {preset}"),
     "guided": ("guided", "python guided_distill.py --preset {preset}"),
@@ -81,7 +91,7 @@ def ddim_sampler(model):
     return lambda z, c, n: ddim_sample(model, z, n, c)
 
 
-def guided_sampler(model, w: float, config: dict):
+def guided_sampler(model, w: float, config: EvalConfig):
     """Class-balanced labels at w: w = 0 is the conditional model, whose class mixture is the data."""
     from guided_distill import labels_for, sample
 
@@ -94,11 +104,11 @@ def generator_sampler(model):
     return lambda z, c, n: generate(model, z, c, n)
 
 
-def find_rows(config: dict, teacher: Denoiser, device) -> tuple[list[Row], list[str]]:
+def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row], list[str]]:
     """Every sampler there is, and the methods that have no checkpoint yet."""
-    out = Path(config["out_dir"])
-    rows = [Row("teacher DDIM", n, n, ddim_sampler(teacher), config["teacher"])
-            for n in config["teacher_steps"]]
+    out = Path(config.out_dir)
+    rows = [Row("teacher DDIM", n, n, ddim_sampler(teacher), config.teacher)
+            for n in config.teacher_steps]
     missing = []
     for method, (pattern, command) in METHODS.items():
         found = []
@@ -107,13 +117,13 @@ def find_rows(config: dict, teacher: Denoiser, device) -> tuple[list[Row], list[
                 paths = sorted(folder.glob("student_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
                 for path in paths:
                     state = load_checkpoint(path, f"{method} student")
-                    check_compatible(state["config"], config, TEACHER_KEYS, f"{method} student", path)
+                    check_compatible(state["config"], config, NETWORK_KEYS, f"{method} student", path)
                     n, trained = state["steps"], state["config"]
                     if method == "PD":
                         model = frozen_denoiser(config, state["model"], device)
                         found.append(Row("PD", n, n, ddim_sampler(model), str(path)))
                         continue
-                    w = config["guided_w"]
+                    w = config.guided_w
                     if not trained["w_min"] <= w <= trained["w_max"]:
                         missing.append(f"{folder.name}: trained for w in [{trained['w_min']:g}, {trained['w_max']:g}]"
                                        f", not --guided-w {w:g}")
@@ -128,7 +138,7 @@ def find_rows(config: dict, teacher: Denoiser, device) -> tuple[list[Row], list[
                 if not path.exists():
                     continue
                 state = load_checkpoint(path, f"{method} checkpoint")
-                check_compatible(state["config"], config, TEACHER_KEYS, f"{method} checkpoint", path)
+                check_compatible(state["config"], config, NETWORK_KEYS, f"{method} checkpoint", path)
                 ema = state.get("ema")
                 model = frozen_denoiser(config, ema["model"] if ema else state["generator"], device)
                 k, tag = state["config"]["steps"], state["config"].get("tag")
@@ -139,7 +149,7 @@ def find_rows(config: dict, teacher: Denoiser, device) -> tuple[list[Row], list[
         if found:
             rows += found
         elif not any(m.startswith(pattern) for m in missing):
-            missing.append(f"{method}: missing (make it with `{command.format(preset=config['preset'])}`)")
+            missing.append(f"{method}: missing (make it with `{command.format(preset=config.preset)}`)")
     return rows, missing
 
 
@@ -156,30 +166,30 @@ class ImageQuality:
     """Frechet distance in the offline classifier's features (and Inception's, if asked), plus
     the classifier's accuracy on class-conditional samples."""
 
-    def __init__(self, config: dict, device):
-        from data import load_cifar10, load_fashion_mnist
-        from image_metrics import CachedFrechet, load_classifier
+    def __init__(self, config: EvalConfig, device):
+        from plumbing.data import load_cifar10, load_fashion_mnist
+        from plumbing.image_metrics import CachedFrechet, load_classifier
 
-        self.classifier, self.info = load_classifier(config, device, config["classifier_steps"])
-        loader = {"fmnist": load_fashion_mnist, "cifar10": load_cifar10}[config["data"]]
+        self.classifier, self.info = load_classifier(config, device, config.classifier_steps)
+        loader = {"fmnist": load_fashion_mnist, "cifar10": load_cifar10}[config.data]
         real = loader(config.get("data_dir"))[0]
-        out = Path(config["out_dir"])
+        out = Path(config.out_dir)
         self.distances = {"fd_classifier": CachedFrechet("classifier", real, out / "reference_classifier.pt", device,
                                                          self.classifier, made_by={**self.info, "n_real": len(real)})}
-        if config["inception"]:
+        if config.inception:
             self.distances["fid_inception"] = CachedFrechet("inception", real, out / "reference_inception.pt", device,
                                                             made_by={"n_real": len(real)})
         self.config, self.device = config, device
 
     def __call__(self, row: Row) -> dict:
-        from image_metrics import classifier_accuracy
+        from plumbing.image_metrics import classifier_accuracy
 
-        n, batch = self.config["num_samples"], 250
-        g = torch.Generator().manual_seed(self.config["eval_seed"])
-        images, labels = [], torch.arange(n) % self.config["num_classes"]
-        with seeded_rng(self.config["eval_seed"], self.device):  # noise a sampler draws itself (DMD2's multi-step)
+        n, batch = self.config.num_samples, 250
+        g = torch.Generator().manual_seed(self.config.eval_seed)
+        images, labels = [], torch.arange(n) % self.config.num_classes
+        with seeded_rng(self.config.eval_seed, self.device):  # noise a sampler draws itself (DMD2's multi-step)
             for i in range(0, n, batch):
-                z = torch.randn(min(batch, n - i), self.config["in_ch"], 32, 32, generator=g).to(self.device)
+                z = torch.randn(min(batch, n - i), self.config.in_ch, 32, 32, generator=g).to(self.device)
                 images.append(row.sample(z, labels[i:i + batch].to(self.device), row.steps).float().clamp(-1, 1).cpu())
         images = torch.cat(images)
         result = {name: metric(images) for name, metric in self.distances.items()}
@@ -187,31 +197,31 @@ class ImageQuality:
         return result
 
 
-def evaluate_all(config: dict) -> dict:
-    device = pick_device(config["device"])
-    teacher = load_teacher(config, device, train_if_missing=False) if Path(config["teacher"]).exists() else None
+def evaluate_all(config: EvalConfig) -> dict:
+    device = pick_device(config.device)
+    teacher = load_teacher(config, device, train_if_missing=False) if Path(config.teacher).exists() else None
     if teacher is None:
-        raise UserError(f"no teacher at {config['teacher']}; train it with `python train_teacher.py --preset "
-                        f"{config['preset']}` (evaluate.py trains nothing)")
+        raise UserError(f"no teacher at {config.teacher}; train it with `python train_teacher.py --preset "
+                        f"{config.preset}` (evaluate.py trains nothing)")
     start = time.perf_counter()
     rows, missing = find_rows(config, teacher, device)
-    toy = config["net"] == "mlp"
+    toy = config.net == "mlp"
     image_quality = None if toy else ImageQuality(config, device)
-    out = Path(config["out_dir"])
-    shape = (2,) if toy else (config["in_ch"], 32, 32)
-    g = torch.Generator().manual_seed(config["eval_seed"] + 2)
-    z_speed = torch.randn(config["speed_batch"], *shape, generator=g).to(device)  # the same batch for every method
-    c_speed = (torch.full((len(z_speed),), config["num_classes"]) if toy
-               else torch.arange(len(z_speed)) % config["num_classes"]).to(device)
+    out = Path(config.out_dir)
+    shape = (2,) if toy else (config.in_ch, 32, 32)
+    g = torch.Generator().manual_seed(config.eval_seed + 2)
+    z_speed = torch.randn(config.speed_batch, *shape, generator=g).to(device)  # the same batch for every method
+    c_speed = (torch.full((len(z_speed),), config.num_classes) if toy
+               else torch.arange(len(z_speed)) % config.num_classes).to(device)
     for row in rows:
         folder = out / "evaluation" / slug(row)
         if toy:
-            row.metrics = evaluate_sampler(row.sample, {**config, "eval_samples": config["num_samples"]}, folder,
+            row.metrics = evaluate_sampler(row.sample, {**config, "eval_samples": config.num_samples}, folder,
                                            [row.steps], device, title=f"{row.method} ")[row.steps]
         else:
             row.metrics = image_quality(row)
             save_image_grid(row.sample(z_speed[:80], c_speed[:80], row.steps), folder / "samples.png",
-                            nrow=config["num_classes"])
+                            nrow=config.num_classes)
         row.metrics["samples_per_s"] = samples_per_second(lambda r=row: r.sample(z_speed, c_speed, r.steps),
                                                           len(z_speed), device, repeats=3)
         print(f"  {row.method:<24} {row.steps:>4} steps  " + "  ".join(
@@ -228,22 +238,23 @@ def evaluate_all(config: dict) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
-def write_results(config: dict, rows: list[Row], missing: list[str], device, seconds: float, image_quality) -> None:
-    toy = config["net"] == "mlp"
+def write_results(config: EvalConfig, rows: list[Row], missing: list[str], device, seconds: float,
+                  image_quality) -> None:
+    toy = config.net == "mlp"
     ref = next((r for r in rows if r.method == "teacher DDIM" and r.steps == 256), None)
     ref_speed = ref.metrics["samples_per_s"] if ref else None
-    lines = [f"# Results: preset `{config['preset']}`", "",
-             f"Measured by `python evaluate.py --preset {config['preset']}` on {device_name(device)} in "
+    lines = [f"# Results: preset `{config.preset}`", "",
+             f"Measured by `python evaluate.py --preset {config.preset}` on {device_name(device)} in "
              f"{seconds:.0f} s.", "",
-             f"Protocol: {config['num_samples']} samples per row from the shared evaluation noise "
-             f"(seed {config['eval_seed']}); " +
+             f"Protocol: {config.num_samples} samples per row from the shared evaluation noise "
+             f"(seed {config.eval_seed}); " +
              ("unconditional (null label); metrics against fresh data of the same size (seed 12345), "
               "with its data-vs-data floor. " if toy else
               "class-balanced labels; Frechet distance in the 128 features of this project's classifier "
               f"(test accuracy {image_quality.info['test_accuracy']:.1%}; not comparable with Inception FID), and "
               "its accuracy on the samples' requested classes. ") +
-             f"Speed: samples/s on one batch of {config['speed_batch']} for every method, after a warm-up, best of 3"
-             f"{', synchronised' if device.type == 'cuda' else ''}. Guided students at w = {config['guided_w']:g}.",
+             f"Speed: samples/s on one batch of {config.speed_batch} for every method, after a warm-up, best of 3"
+             f"{', synchronised' if device.type == 'cuda' else ''}. Guided students at w = {config.guided_w:g}.",
              ""]
     if toy:
         lines += ["| method | steps | network calls / sample | off-mode | MMD | W2 | samples/s | "
@@ -268,7 +279,7 @@ def write_results(config: dict, rows: list[Row], missing: list[str], device, sec
                          f"{r.metrics['samples_per_s']:.1f} | {speed_ratio(r.metrics, ref_speed)} |")
     if missing:
         lines += ["", "Missing:", ""] + [f"- {m}" for m in missing]
-    path = Path(config["out_dir"]) / "results.md"
+    path = Path(config.out_dir) / "results.md"
     path.write_text("\n".join(lines) + "\n")
     print(f"table: {path}")
 
@@ -286,10 +297,10 @@ def device_name(device) -> str:
     return f"{device.type} ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def plot_quality(config: dict, rows: list[Row], png: Path) -> None:
+def plot_quality(config: EvalConfig, rows: list[Row], png: Path) -> None:
     from matplotlib.figure import Figure
 
-    toy = config["net"] == "mlp"
+    toy = config.net == "mlp"
     keys = (["off_mode", "mmd"] if "off_mode" in rows[0].metrics else ["mmd"]) if toy else ["fd_classifier"]
     fig = Figure(figsize=(5.2 * len(keys), 3.8))
     for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
@@ -304,15 +315,13 @@ def plot_quality(config: dict, rows: list[Row], png: Path) -> None:
         ax.set_xlabel("network calls per sample")
         ax.set_ylabel(key.replace("_", " "))
         ax.legend(fontsize=7)
-    fig.suptitle(f"{config['preset']}: quality against network calls (evaluate.py)", fontsize=10)
+    fig.suptitle(f"{config.preset}: quality against network calls (evaluate.py)", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
 
 def main(argv=None) -> None:
-    config = parse_config(__doc__.split("\n\n")[0], EVAL_FIELDS, EVAL_PRESETS, argv=argv)
-    if config["num_samples"] < 2 or config["speed_batch"] < 1:
-        raise UserError("--num-samples must be at least 2 and --speed-batch at least 1")
+    config, _ = parse_config(EvalConfig, __doc__.split("\n\n")[0], argv)
     result = evaluate_all(config)
     print(f"{len(result['rows'])} rows, {len(result['missing'])} methods missing, {result['seconds']:.0f} s")
 

@@ -30,92 +30,91 @@ Deliberate differences from the paper:
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from common import (EMA, Denoiser, UserError, check_compatible, ddim_sample, diffusion_loss, drop_labels,
-                    fingerprint, frozen_denoiser, load_checkpoint, loss_by_t_bucket, pick_device, rng_state,
-                    run_cli, save_checkpoint, seed_everything, set_rng_state, write_json)
-from data import BatchStream, toy_dataset
-from metrics import evaluate_sampler
-from networks import build_network
-from presets import TEACHER_KEYS, parse_config
-from training import LogWriter, autocast, prepare_network, progress
+from common import (EMA, Denoiser, UserError, check_compatible, ddim_sample, diffusion_loss, drop_labels, fingerprint,
+                    frozen_denoiser, load_checkpoint, loss_by_t_bucket, pick_device, run_cli, seed_everything,
+                    write_json)
+from plumbing.config import NetworkConfig, RunConfig, parse_config
+from plumbing.data import BatchStream, toy_dataset
+from plumbing.loop import Loop
+from plumbing.metrics import evaluate_sampler
+from plumbing.networks import build_network
+from plumbing.training import LogWriter, autocast, optimizer_step, prepare_network
+
+
+@dataclass
+class TeacherConfig(RunConfig):
+    """Alg. 1: training the teacher (defaults: the PD paper's CIFAR-10 settings, docs/methods.md 1.2)"""
+
+    batch_size: int = 128             # training batch size (paper: 128)
+    lr: float = 2e-4                  # Adam learning rate (paper: 2e-4)
+    iterations: int = 800_000         # training iterations (paper: 800k)
+    warmup: int = 1000                # linear learning-rate warm-up iterations (paper: 1000)
+    ema_decay: float = 0.9999         # EMA decay of the weights; the EMA is the teacher (paper: 0.9999)
+    grad_clip: float = 1.0            # global gradient-norm clip, also in every distillation loop (paper: 1)
+    label_dropout: float = 0.1        # probability of the null label, for classifier-free guidance (0.1)
+    hflip: bool = True                # random horizontal flips of training images (paper: on)
+    dropout: float = 0.2              # dropout in the UNet's residual blocks (paper: 0.2 on CIFAR-10)
+
+    PRESETS: ClassVar[dict] = {
+        # Toy: labels dropped w.p. 0.3 so that the unconditional model, which the toy goals are stated for, is good.
+        "toy": dict(batch_size=512, lr=1e-3, iterations=20_000, warmup=0, ema_decay=0.999, label_dropout=0.3,
+                    hflip=False, dropout=0.1),
+        "fmnist": dict(iterations=30_000, ema_decay=0.9995, hflip=False, dropout=0.1),
+    }
+    RESUMABLE: ClassVar[tuple] = ("iterations",)
+
+    def check(self) -> None:
+        super().check()
+        for name in ("batch_size", "iterations"):
+            if self[name] < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {self[name]}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise UserError(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
 
 
 def teacher_dir(config: dict) -> Path:
     """Where the teacher's pictures, samples, log and metrics.json go: beside its checkpoint."""
-    return Path(config["teacher"]).with_suffix("")
+    return Path(config.teacher).with_suffix("")
 
 
-def train_teacher(config: dict, resume: bool = False) -> Path:
+def train_teacher(config: TeacherConfig, resume: bool = False) -> Path:
     """Alg. 1 with label dropout and EMA; checkpoints every `ckpt_every`; returns the path."""
-    device = pick_device(config["device"])
-    path = Path(config["teacher"])
-    seed_everything(config["seed"])
-    net = build_network(config).to(device)
-    model = Denoiser(net)
-    ema = EMA(model, config["ema_decay"])
-    opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
-    stream = BatchStream(config, device, config["seed"])
-    step, train_time = 0, 0.0
-    if path.exists() and not resume:
-        raise UserError(f"{path} exists; pass --resume to continue it, or --out-dir for a new run")
-    if resume and path.exists():
-        state = load_checkpoint(path, "teacher checkpoint")
-        check_compatible(state["config"], config, TEACHER_KEYS, "teacher checkpoint", path)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        stream.load_state_dict(state["stream"])
-        set_rng_state(state["rng"])
-        step, train_time = state["step"], state["train_time"]
-        print(f"resuming {path} at iteration {step}")
-
-    def checkpoint():
-        save_checkpoint(path, {"kind": "teacher", "config": config, "step": step, "train_time": train_time,
-                               "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                               "stream": stream.state_dict(), "rng": rng_state(), "log": log.records()})
-
-    out = teacher_dir(config)
-    log = LogWriter(out / "log.jsonl", resume=step > 0)
-    if step > 0:
-        log.restore(state.get("log"))
+    device = pick_device(config.device)
+    path = Path(config.teacher)
+    seed_everything(config.seed)
+    model = Denoiser(build_network(config).to(device))
+    ema = EMA(model, config.ema_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    stream = BatchStream(config, device, config.seed)
+    keys = (*NetworkConfig.network_keys(), *TeacherConfig.run_keys(RunConfig))  # what a resumed run must share
+    log = LogWriter(teacher_dir(config) / "log.jsonl", resume=resume and path.exists())
+    loop = Loop(path, config, "teacher", config.iterations, {"model": model, "ema": ema, "opt": opt, "stream": stream},
+                "teacher", keys=keys, log=log, resume=resume, checkpoint_at_end=True, kind="teacher")
     prepare_network(model, config, device)
-    null = model.null_label
     model.train()
-    bar = progress(range(step, config["iterations"]), "teacher", initial=step, total=config["iterations"])
-    start = time.perf_counter()
-    for step in bar:
+    for step in loop:
         x, labels = stream.next()
-        labels = drop_labels(labels, config["label_dropout"], null)
+        labels = drop_labels(labels, config.label_dropout, model.null_label)  # c <- null w.p. label_dropout
         for group in opt.param_groups:  # linear warm-up
-            group["lr"] = config["lr"] * min(1.0, (step + 1) / max(1, config["warmup"]))
+            group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
         t = torch.rand(x.shape[0], device=device)  # t ~ U[0, 1]
         with autocast(config, device):
-            per_example = diffusion_loss(model, x, labels, t=t, reduce=False)  # (B,)
+            per_example = diffusion_loss(model, x, labels, t=t, reduce=False)  # || v_hat - v ||^2, (B,)
         loss = per_example.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-        opt.step()
+        grad_norm = optimizer_step(opt, loss, model, config.grad_clip)
         ema.update(model)
-        step += 1
-        if step % config["log_every"] == 0 or step == config["iterations"]:
-            record = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
-                      **loss_by_t_bucket(per_example, t)}
-            log.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if step % config["sample_every"] == 0 and config["net"] != "mlp":
-            evaluate_sampler(lambda z, c, n: ddim_sample(ema.model, z, n, c), config,
-                             out / f"during/{step:07d}", [64], device)
-        if step % config["ckpt_every"] == 0 or step == config["iterations"]:
-            train_time += time.perf_counter() - start
-            start = time.perf_counter()
-            checkpoint()
-    bar.close()
-    log.plot(out / "loss.png", "teacher: v-MSE by t bucket")
+        loop.log(loss=loss, grad_norm=grad_norm, **loss_by_t_bucket(per_example, t))
+        if loop.due(config.sample_every) and config.net != "mlp":
+            with loop.off_the_clock():
+                evaluate_sampler(lambda z, c, n: ddim_sample(ema.model, z, n, c), config,
+                                 teacher_dir(config) / f"during/{step + 1:07d}", [64], device)
+    loop.log_writer.plot(teacher_dir(config) / "loss.png", "teacher: v-MSE by t bucket")
     return path
 
 
@@ -133,34 +132,34 @@ def evaluate_teacher(config: dict, device: torch.device) -> dict:
         timings[steps] = time.perf_counter() - t0
         return x
 
-    results = evaluate_sampler(sample, config, out, config["eval_steps"], device, title="teacher DDIM ")
-    state = load_checkpoint(config["teacher"], "teacher checkpoint")
-    metrics = {"preset": config["preset"], "sampler": "ddim", "unconditional": config["net"] == "mlp",
-               "train_time_s": round(state["train_time"], 1), "iterations": state["step"],
+    results = evaluate_sampler(sample, config, out, config.eval_steps, device, title="teacher DDIM ")
+    state = load_checkpoint(config.teacher, "teacher checkpoint")
+    metrics = {"preset": config.preset, "sampler": "ddim", "unconditional": config.net == "mlp",
+               "train_time_s": round(state["seconds"], 1), "iterations": state["step"],
                "device": str(device),
                "ddim": {str(k): {**v, "sample_time_s": round(timings[k], 3)} for k, v in results.items()}}
-    if config["data"] == "gaussians8":  # the same DDIM with the exact denoiser: the best any teacher can do
+    if config.data == "gaussians8":  # the same DDIM with the exact denoiser: the best any teacher can do
         exact = toy_dataset("gaussians8").denoiser
         results = evaluate_sampler(lambda z, c, n: ddim_sample(exact, z, n, c), config, out / "exact_denoiser",
-                                   config["eval_steps"], device, title="exact DDIM ")
+                                   config.eval_steps, device, title="exact DDIM ")
         metrics["exact_denoiser_ddim"] = {str(k): v for k, v in results.items()}
     write_json(out / "metrics.json", metrics)
     return metrics
 
 
-def load_teacher(config: dict, device: torch.device, train_if_missing: bool = True) -> Denoiser:
+def load_teacher(config: TeacherConfig, device: torch.device, train_if_missing: bool = True) -> Denoiser:
     """The frozen teacher (EMA weights, eval mode, no grads); trained first if missing."""
-    path = Path(config["teacher"])
+    path = Path(config.teacher)
     if train_if_missing:
         state = load_checkpoint(path, "teacher checkpoint") if path.exists() else None
-        if state is None or state["step"] < config["iterations"]:
+        if state is None or state["step"] < config.iterations:
             print(f"teacher checkpoint {path} is {'missing' if state is None else 'unfinished'}: training it first")
             train_teacher(config, resume=state is not None)
             evaluate_teacher(config, device)
     state = load_checkpoint(path, "teacher checkpoint")
     if state.get("kind") != "teacher":
         raise UserError(f"{path} is not a teacher checkpoint (it holds a {state.get('kind')!r})")
-    check_compatible(state["config"], config, TEACHER_KEYS, "teacher checkpoint", path)
+    check_compatible(state["config"], config, NetworkConfig.network_keys(), "teacher checkpoint", path)
     teacher = frozen_denoiser(state["config"], state["ema"]["model"], device)
     teacher.checkpoint, teacher.fingerprint = str(path), fingerprint(state["ema"]["model"])  # what it is, for caches
     prepare_network(teacher, config, device, compile=False)  # students are copies of it
@@ -168,12 +167,12 @@ def load_teacher(config: dict, device: torch.device, train_if_missing: bool = Tr
 
 
 def main(argv=None) -> None:
-    config = parse_config(__doc__.split("\n\n")[0], argv=argv,
-                          flags={"resume": "continue the run from its checkpoint"})
-    resume = config.pop("resume")
-    device = pick_device(config["device"])
-    print(f"training the {config['preset']} teacher on {device}: {config['iterations']} iterations "
-          f"-> {config['teacher']}")
+    config, flags = parse_config(TeacherConfig, __doc__.split("\n\n")[0], argv,
+                                 {"resume": "continue the run from its checkpoint"})
+    resume = flags["resume"]
+    device = pick_device(config.device)
+    print(f"training the {config.preset} teacher on {device}: {config.iterations} iterations "
+          f"-> {config.teacher}")
     train_teacher(config, resume=resume)
     metrics = evaluate_teacher(config, device)
     print(f"trained in {metrics['train_time_s']} s; samples and metrics in {teacher_dir(config)}")

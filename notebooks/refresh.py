@@ -7,6 +7,7 @@ when a notebook is browsed online. Each takes about a minute on a 2-core CPU.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ def main(names: list[str]) -> None:
     except ImportError:
         raise SystemExit("error: refreshing notebooks needs nbclient (pip install -r requirements.txt)") from None
     paths = [HERE / name for name in names] if names else sorted(HERE.glob("*.ipynb"))
+    os.environ["TQDM_DISABLE"] = "1"  # no progress bars in the stored outputs
     for path in paths:
         if not path.is_file():
             raise SystemExit(f"error: no notebook {path.name} in {HERE}")

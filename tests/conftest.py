@@ -1,3 +1,4 @@
+import inspect
 import json
 import shutil
 import sys
@@ -12,15 +13,25 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that uses the trained toy teacher or starts a script is slow; a few more are marked
+    by hand. The fast tier, `python -m pytest -m "not slow"`, checks the math and the units in under
+    a minute."""
+    for item in items:
+        function = getattr(item, "function", None)
+        starts_a_script = function is not None and "subprocess.run" in inspect.getsource(function)
+        if "toy_teacher" in getattr(item, "fixturenames", ()) or starts_a_script:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def toy_teacher(tmp_path_factory):
     """A toy teacher trained briefly (1500 updates, a few seconds), shared by every test file."""
-    from presets import config_for
-    from train_teacher import load_teacher
+    from train_teacher import TeacherConfig, load_teacher
 
     folder = tmp_path_factory.mktemp("teacher")
-    config = config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500,
-                        eval_steps=[1, 2, 4, 8, 256])
+    config = TeacherConfig.from_preset("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500,
+                                  eval_steps=[1, 2, 4, 8, 256])
     load_teacher(config, torch.device("cpu"))  # trains it
     return folder
 

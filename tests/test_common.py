@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import common
-from common import (Denoiser, alpha_sigma, cfg, ddim_sample, ddim_step, diffuse, eps_from_v, eps_from_x,
-                    invert_ddim, logsnr, time_grid, v_from_x, v_from_x_eps, x_from_eps, x_from_v)
-from data import gaussians8
-from metrics import mmd2, off_mode_rate, toy_metrics
-from networks import MLPDenoiserNet, UNet
+from common import (Denoiser, alpha_sigma, cfg, ddim_sample, ddim_step, diffuse, eps_from_v, eps_from_x, invert_ddim,
+                    logsnr, time_grid, v_from_x, v_from_x_eps, x_from_eps, x_from_v)
+from plumbing.data import gaussians8
+from plumbing.metrics import mmd2, off_mode_rate, toy_metrics
+from plumbing.networks import MLPDenoiserNet, UNet
 
 
 def test_schedule_identities():

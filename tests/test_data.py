@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from common import UserError
-from data import DEBIAN_FASHION_MNIST, BatchStream, TwoMoons, gaussians8, load_cifar10, load_fashion_mnist
-from presets import config_for
+from plumbing.data import DEBIAN_FASHION_MNIST, BatchStream, TwoMoons, gaussians8, load_cifar10, load_fashion_mnist
+from train_teacher import TeacherConfig
 
 
 def write_fake_cifar(root, n_per_batch=6):
@@ -46,7 +46,7 @@ def test_cifar10_missing_says_what_to_do(tmp_path):
 
 def test_image_stream_is_resumable(tmp_path):
     write_fake_cifar(tmp_path)
-    config = config_for("cifar10", data_dir=str(tmp_path), batch_size=4)
+    config = TeacherConfig.from_preset("cifar10", data_dir=str(tmp_path), batch_size=4)
     a = BatchStream(config, torch.device("cpu"), seed=3)
     for _ in range(5):
         a.next()
@@ -68,7 +68,7 @@ def test_fashion_mnist_from_debian():
 
 
 def test_fashion_mnist_missing_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr("data.DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr("plumbing.data.DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     with pytest.raises(UserError, match="dataset-fashion-mnist"):
         load_fashion_mnist(str(tmp_path), download=False)
 

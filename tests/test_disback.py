@@ -5,23 +5,21 @@ import re
 
 import pytest
 import torch
+from conftest import die_on_call, with_teacher
 
 import disback
 import dmd
 from common import UserError
-from conftest import die_on_call, with_teacher
-from presets import config_for
 from train_teacher import load_teacher
 
 
 def disback_config(folder, teacher_folder, **overrides):
     folder = with_teacher(folder, teacher_folder)
-    return {**config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500,
-                         eval_steps=[1, 2, 4, 8, 256], log_every=5, ckpt_every=10),
-            **disback.DISBACK_PRESETS["toy"], "dmd_iterations": 20, "eval_every": 10, "fake_updates": 2,
-            "reg_pairs": 512, "reg_steps": 16, "snapshots": 4, "record_iterations": 120, "record_lr": 1e-4,
-            "interval": 4,
-            **overrides}
+    return disback.DisBackConfig.from_preset("toy", **{
+        "out_dir": str(folder), "device": "cpu", "iterations": 1500, "eval_samples": 500,
+        "eval_steps": [1, 2, 4, 8, 256], "log_every": 5, "ckpt_every": 10, "dmd_iterations": 20, "eval_every": 10,
+        "fake_updates": 2, "reg_pairs": 512, "reg_steps": 16, "snapshots": 4, "record_iterations": 120,
+        "record_lr": 1e-4, "interval": 4, **overrides})
 
 
 def test_schedule_starts_at_the_last_but_one_snapshot_and_ends_on_the_teacher():
@@ -53,7 +51,7 @@ def test_recorded_path_starts_at_the_teacher_and_fits_the_initial_generator(tmp_
     assert losses[-1] < 0.2 * losses[0], losses  # s'_N has learned G_0's distribution
     # a path recorded with other settings is refused, not silently reused
     with pytest.raises(UserError, match="recorded with other settings .*record_lr=0.0001"):
-        disback.record_degradation(teacher, {**config, "record_lr": 1e-5}, "cpu", tmp_path / "snapshots")
+        disback.record_degradation(teacher, config.replace(record_lr=1e-5), "cpu", tmp_path / "snapshots")
 
 
 def test_no_snapshots_is_dmd_exactly(tmp_path, toy_teacher):

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import die_on_call, log_records, with_teacher
 
 import dmd
 from common import UserError, diffuse
-from data import GaussianMixture, gaussians8
-from conftest import die_on_call, log_records, with_teacher
-from presets import config_for
+from plumbing.data import GaussianMixture, gaussians8
 from train_teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,11 +97,10 @@ def test_multi_step_sampling_uses_the_schedule_and_fresh_noise():
 
 def dmd_config(folder, teacher_folder, **overrides):
     folder = with_teacher(folder, teacher_folder)
-    return {**config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500,
-                         eval_steps=[1, 4, 256], log_every=5, ckpt_every=10),
-            **dmd.DMD_PRESETS["toy"], "dmd_iterations": 20, "eval_every": 10, "fake_updates": 2,
-            "gen_lr": 1e-3, "fake_lr": 1e-3,
-            "reg_pairs": 512, "reg_steps": 16, **overrides}
+    return dmd.DMDConfig.from_preset("toy", **{
+        "out_dir": str(folder), "device": "cpu", "iterations": 1500, "eval_samples": 500, "eval_steps": [1, 4, 256],
+        "log_every": 5, "ckpt_every": 10, "dmd_iterations": 20, "eval_every": 10, "fake_updates": 2,
+        "gen_lr": 1e-3, "fake_lr": 1e-3, "reg_pairs": 512, "reg_steps": 16, **overrides})
 
 
 @pytest.mark.parametrize("steps", [1, 4])
@@ -123,7 +121,7 @@ def test_short_runs_resume_exactly(tmp_path, toy_teacher, monkeypatch, steps):
     with pytest.raises(UserError, match="pass --resume"):
         dmd.train_dmd(part)
     with pytest.raises(UserError, match="dmd_batch_size"):  # a checkpoint made with other settings
-        dmd.train_dmd({**part, "dmd_batch_size": 64}, resume=True)
+        dmd.train_dmd(part.replace(dmd_batch_size=64), resume=True)
     torch.manual_seed(3)
     resumed = dmd.train_dmd(part, resume=True)
     a = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -156,9 +154,9 @@ def test_regression_losses():
 
 def test_lpips_unavailable_says_which_flag(tmp_path):
     with pytest.raises(UserError, match="needs images"):
-        dmd.load_lpips(config_for("toy"), "cpu")
+        dmd.load_lpips(dmd.DMDConfig.from_preset("toy"), "cpu")
     try:  # offline: either torchmetrics is missing or its weights cannot be downloaded
-        dmd.load_lpips(config_for("fmnist"), "cpu")
+        dmd.load_lpips(dmd.DMDConfig.from_preset("fmnist"), "cpu")
     except UserError as e:
         assert "--reg-loss pseudo-huber" in str(e)
 

@@ -6,15 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import with_teacher
 
 import dmd
 import evaluate
 import progressive_distill as pd
 from common import read_json
-from conftest import with_teacher
-from data import DEBIAN_FASHION_MNIST, load_fashion_mnist
-from image_metrics import classifier_accuracy, frechet_distance, train_classifier
-from presets import config_for
+from plumbing.data import DEBIAN_FASHION_MNIST, load_fashion_mnist
+from plumbing.image_metrics import classifier_accuracy, frechet_distance, train_classifier
 
 pytest.importorskip("torchmetrics")
 
@@ -28,6 +27,7 @@ def test_frechet_distance_is_zero_on_itself_and_grows_with_a_mean_shift():
     assert shifts == sorted(shifts) and abs(shifts[1] - 16.0) < 1e-3, shifts
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_offline_classifier_learns_fashion_mnist_in_seconds():
     x_train, y_train = load_fashion_mnist(None)
@@ -43,18 +43,17 @@ def test_offline_classifier_learns_fashion_mnist_in_seconds():
 
 def tiny_config(folder, teacher_folder, **overrides):
     folder = with_teacher(folder, teacher_folder)
-    return {**config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500,
-                         eval_steps=[1, 2, 4, 8, 256]), **overrides}
+    return dict(out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500, eval_steps=[1, 2, 4, 8, 256],
+                **overrides)
 
 
 def test_the_command_makes_the_table_and_plot_and_agrees_with_the_students(tmp_path, toy_teacher):
     base = tiny_config(tmp_path, toy_teacher)
-    pd_metrics = pd.progressive_distillation({**base, **pd.PD_PRESETS["toy"], "start_steps": 4, "to_steps": 2,
-                                              "round_iterations": 20})
-    dmd_metrics = dmd.train_dmd({**base, **dmd.DMD_PRESETS["toy"], "dmd_iterations": 10, "eval_every": 10,
-                                 "fake_updates": 1, "reg_pairs": 256, "reg_steps": 8})
-    config = {**base, **evaluate.EVAL_PRESETS["toy"], "num_samples": 500, "speed_batch": 256,
-              "teacher_steps": [1, 4, 256]}
+    pd_metrics = pd.progressive_distillation(pd.PDConfig.from_preset("toy", **base, start_steps=4, to_steps=2,
+                                                                round_iterations=20))
+    dmd_metrics = dmd.train_dmd(dmd.DMDConfig.from_preset("toy", **base, dmd_iterations=10, eval_every=10,
+                                                     fake_updates=1, reg_pairs=256, reg_steps=8))
+    config = evaluate.EvalConfig.from_preset("toy", **base, num_samples=500, speed_batch=256, teacher_steps=[1, 4, 256])
     result = evaluate.evaluate_all(config)
 
     rows = {(r["method"], r["steps"]): r for r in result["rows"]}
@@ -81,18 +80,19 @@ def test_without_a_teacher_it_says_what_to_run(tmp_path):
         evaluate.main(["--preset", "toy", "--out-dir", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_image_path_with_the_offline_classifier(tmp_path):
     # A tiny UNet teacher and one PD round on a fake CIFAR-10: the table's image columns and the caches.
     from test_data import write_fake_cifar
 
     write_fake_cifar(tmp_path / "data", n_per_batch=8)
-    config = {**config_for("cifar10", out_dir=str(tmp_path), device="cpu", data_dir=str(tmp_path / "data"),
-                           channels=16, ch_mult=[1, 2], num_res_blocks=1, batch_size=4, iterations=4,
-                           eval_samples=4, eval_steps=[2], sample_every=2, log_every=2, ckpt_every=2),
-              **pd.PD_PRESETS["cifar10"], "start_steps": 2, "to_steps": 1, "round_iterations": 2, "pd_batch_size": 4}
-    pd.progressive_distillation(config)
-    config = {**config, **evaluate.EVAL_PRESETS["cifar10"], "num_samples": 20, "speed_batch": 4,
-              "teacher_steps": [1, 2], "classifier_steps": 5, "inception": False}
+    image = dict(out_dir=str(tmp_path), device="cpu", data_dir=str(tmp_path / "data"), channels=16, ch_mult=[1, 2],
+                 num_res_blocks=1, batch_size=4, iterations=4, eval_samples=4, eval_steps=[2], sample_every=2,
+                 log_every=2, ckpt_every=2)
+    pd.progressive_distillation(pd.PDConfig.from_preset("cifar10", **image, start_steps=2, to_steps=1,
+                                                        round_iterations=2, pd_batch_size=4))
+    config = evaluate.EvalConfig.from_preset("cifar10", **image, num_samples=20, speed_batch=4, teacher_steps=[1, 2],
+                                        classifier_steps=5, inception=False)
     result = evaluate.evaluate_all(config)
     rows = {(r["method"], r["steps"]): r for r in result["rows"]}
     assert set(rows) == {("teacher DDIM", 1), ("teacher DDIM", 2), ("PD", 1)}

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import die_on_call, log_records, with_teacher
 
 import guided_distill as gd
 from common import Denoiser, UserError, alpha_sigma, cfg, ddim_sample, ddim_step, diffuse, logsnr, save_checkpoint
-from conftest import die_on_call, log_records, with_teacher
-from data import gaussians8
-from networks import MLPDenoiserNet
-from presets import config_for
+from plumbing.data import gaussians8
+from plumbing.networks import MLPDenoiserNet
 from progressive_distill import pd_target
+from train_teacher import TeacherConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 MIX = gaussians8()
@@ -94,7 +94,7 @@ def test_stage_two_target_makes_one_step_match_two_guided_teacher_steps(i):
 
 
 def test_stage_two_loss_passes_the_same_w_to_teacher_and_student():
-    config = {"w_min": 0.0, "w_max": 4.0, "weighting": "truncated-snr"}
+    config = gd.GuidedConfig.from_preset("toy")  # w in [0, 4], truncated-SNR weighting, every label kept
     x, labels = MIX.sample(512, torch.Generator().manual_seed(5))
 
     def ideal(z_t, t, c, w):  # the student that is exactly the guided teacher's two-step map at its w
@@ -150,10 +150,10 @@ def test_stochastic_sampler_costs_one_call_per_step_and_ends_deterministically()
 
 def guided_config(folder, teacher_folder, **overrides):
     folder = with_teacher(folder, teacher_folder)
-    return {**config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=300,
-                         eval_steps=[1, 2, 4, 8, 256]),
-            **gd.GD_PRESETS["toy"], "stage1_iterations": 40, "start_steps": 4, "to_steps": 1,
-            "round_iterations": 30, "eval_ws": [0.0, 2.0], "ckpt_every": 10, "log_every": 5, **overrides}
+    return gd.GuidedConfig.from_preset("toy", **{
+        "out_dir": str(folder), "device": "cpu", "iterations": 1500, "eval_samples": 300,
+        "eval_steps": [1, 2, 4, 8, 256], "stage1_iterations": 40, "start_steps": 4, "to_steps": 1,
+        "round_iterations": 30, "eval_ws": [0.0, 2.0], "ckpt_every": 10, "log_every": 5, **overrides})
 
 
 def test_both_stages_with_resume_in_each(tmp_path, toy_teacher, monkeypatch):
@@ -185,7 +185,7 @@ def test_both_stages_with_resume_in_each(tmp_path, toy_teacher, monkeypatch):
                 gd.guided_distillation(part)
         if n_calls == 27:  # a stage-one checkpoint made with other settings is refused
             with pytest.raises(UserError, match="stage1_lr"):
-                gd.guided_distillation({**part, "stage1_lr": 1e-4}, resume=True)
+                gd.guided_distillation(part.replace(stage1_lr=1e-4), resume=True)
         torch.manual_seed(11)  # the resumed run must not depend on the process's RNG
         return gd.guided_distillation(part, resume=True), gd.run_dir(part)
 
@@ -206,11 +206,11 @@ def test_sampling_a_saved_student_at_any_trained_w(tmp_path, toy_teacher):
                            eval_ws=[1.0])
     gd.guided_distillation(config)
     for sampler in gd.SAMPLERS:
-        assert gd.sample_command({**config, "w": 3.3, "sample_steps": 1, "sampler": sampler}).is_file()
+        assert gd.sample_command(config.replace(w=3.3, sample_steps=1, sampler=sampler)).is_file()
     with pytest.raises(UserError, match=r"--w 5 is outside the trained range \[0, 4\]"):
-        gd.sample_command({**config, "w": 5.0, "sample_steps": 1})
+        gd.sample_command(config.replace(w=5.0, sample_steps=1))
     with pytest.raises(UserError, match="no 8-step student"):
-        gd.sample_command({**config, "sample_steps": 8})
+        gd.sample_command(config.replace(sample_steps=8))
 
 
 def test_single_w_baseline_trains_one_w_in_its_own_folder(tmp_path, toy_teacher):
@@ -246,7 +246,7 @@ def test_bad_input_gives_one_line(tmp_path):
 
 
 def test_teacher_without_label_dropout_gives_one_line(tmp_path):
-    no_null = config_for("toy", out_dir=str(tmp_path), label_dropout=0.0)
+    no_null = TeacherConfig.from_preset("toy", out_dir=str(tmp_path), label_dropout=0.0)
     save_checkpoint(tmp_path / "teacher.pt", {"kind": "teacher", "config": no_null, "step": 10**9,
                                               "ema": {"model": {}}})
     result = run_cli("--out-dir", str(tmp_path), cwd=tmp_path)

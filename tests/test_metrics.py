@@ -1,10 +1,11 @@
 """The toy metrics separate the failures they are meant to catch by at least 3x their own noise."""
 
 import numpy as np
+import pytest
 import torch
 
-from data import gaussians8
-from metrics import mmd2, mode_shares, off_mode_rate, wasserstein2
+from plumbing.data import gaussians8
+from plumbing.metrics import mmd2, mode_shares, off_mode_rate, wasserstein2
 
 N, SEEDS = 2000, 8
 
@@ -20,6 +21,7 @@ def _draws(kind: str, seed: int, mix):
     return x.numpy()
 
 
+@pytest.mark.slow
 def test_metrics_separate_blur_and_off_mode_points():
     mix = gaussians8()
     refs = [mix.sample(N, torch.Generator().manual_seed(100 + s))[0].numpy() for s in range(SEEDS)]
@@ -57,8 +59,8 @@ def test_wasserstein_exact_on_a_shift():
 def test_data_floor_is_made_once_per_reference_draw_and_stays_right():
     # toy_metrics caches the data-vs-data floor by the exact reference draws: a second call, other
     # points, another data set or another size must each get the floor a fresh computation gives.
-    from data import TwoMoons
-    from metrics import sampler_floor, toy_metrics
+    from plumbing.data import TwoMoons
+    from plumbing.metrics import sampler_floor, toy_metrics
 
     def fresh_floor(dataset, n, seed=12345):
         g = torch.Generator().manual_seed(seed)

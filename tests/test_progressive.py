@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import die_on_call, log_records, with_teacher
 
 import progressive_distill as pd
 from common import Denoiser, ddim_sample, ddim_step, diffuse, save_checkpoint
-from data import gaussians8
-from networks import MLPDenoiserNet
-from conftest import die_on_call, log_records, with_teacher
-from presets import config_for
-from train_teacher import load_teacher
+from plumbing.data import gaussians8
+from plumbing.networks import MLPDenoiserNet
+from train_teacher import TeacherConfig, load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 8
@@ -100,10 +99,9 @@ def test_weightings():
 
 def ladder_config(folder, teacher_folder, **overrides):
     folder = with_teacher(folder, teacher_folder)
-    return {**config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=500,
-                         eval_steps=[1, 2, 4, 8]),
-            **pd.PD_PRESETS["toy"], "start_steps": 8, "to_steps": 1, "round_iterations": 60,
-            "ckpt_every": 20, "log_every": 30, **overrides}
+    return pd.PDConfig.from_preset("toy", **{
+        "out_dir": str(folder), "device": "cpu", "iterations": 1500, "eval_samples": 500, "eval_steps": [1, 2, 4, 8],
+        "start_steps": 8, "to_steps": 1, "round_iterations": 60, "ckpt_every": 20, "log_every": 30, **overrides})
 
 
 def test_short_ladder_with_mid_round_resume(tmp_path, toy_teacher, monkeypatch):
@@ -136,7 +134,7 @@ def test_short_ladder_with_mid_round_resume(tmp_path, toy_teacher, monkeypatch):
     with pytest.raises(pd.UserError, match="pass --resume"):
         pd.progressive_distillation(part)
     with pytest.raises(pd.UserError, match="pd_batch_size=256 \\(now 128\\)"):  # one run's round, not two
-        pd.progressive_distillation({**part, "pd_batch_size": 128}, resume=True)
+        pd.progressive_distillation(part.replace(pd_batch_size=128), resume=True)
     torch.manual_seed(7)  # the resumed run must not depend on the process's RNG
     pd.progressive_distillation(part, resume=True)
     for n in (4, 2, 1):
@@ -194,7 +192,7 @@ def test_bad_steps_give_one_line(args, message, tmp_path):
 
 
 def test_teacher_from_another_preset_gives_one_line(tmp_path):
-    fmnist = config_for("fmnist", out_dir=str(tmp_path))
+    fmnist = TeacherConfig.from_preset("fmnist", out_dir=str(tmp_path))
     save_checkpoint(tmp_path / "teacher.pt", {"kind": "teacher", "config": fmnist, "step": 10**9,
                                               "ema": {"model": {}}})
     result = run_cli("--out-dir", str(tmp_path), cwd=tmp_path)
@@ -203,16 +201,16 @@ def test_teacher_from_another_preset_gives_one_line(tmp_path):
     assert "does not match this run: data='fmnist' (now 'gaussians8')" in lines[0]
 
 
+@pytest.mark.slow
 def test_image_path_end_to_end(tmp_path):
     # The UNet path, teacher and ladder, on a tiny fake CIFAR-10 in torchvision's layout.
     from test_data import write_fake_cifar
 
     write_fake_cifar(tmp_path / "data", n_per_batch=8)
-    config = {**config_for("cifar10", out_dir=str(tmp_path), device="cpu", data_dir=str(tmp_path / "data"),
-                           channels=16, ch_mult=[1, 2], num_res_blocks=1, batch_size=4, iterations=4,
-                           eval_samples=4, eval_steps=[2], sample_every=2, log_every=2, ckpt_every=2),
-              **pd.PD_PRESETS["cifar10"], "start_steps": 4, "to_steps": 1, "round_iterations": 3,
-              "pd_batch_size": 4}
+    config = pd.PDConfig.from_preset("cifar10", out_dir=str(tmp_path), device="cpu", data_dir=str(tmp_path / "data"),
+                                channels=16, ch_mult=[1, 2], num_res_blocks=1, batch_size=4, iterations=4,
+                                eval_samples=4, eval_steps=[2], sample_every=2, log_every=2, ckpt_every=2,
+                                start_steps=4, to_steps=1, round_iterations=3, pd_batch_size=4)
     metrics = pd.progressive_distillation(config)
     assert set(metrics["students"]) == {"2", "1"}
     assert (tmp_path / "teacher" / "samples_2.png").is_file() and (tmp_path / "teacher" / "during").is_dir()

@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import with_teacher
 
 import disback
 import dmd
 import guided_distill as gd
 import progressive_distill as pd
 from common import UserError, ddim_sample, diffuse, guided, save_checkpoint, trainable_copy
-from conftest import with_teacher
-from data import gaussians8
-from presets import config_for
-from train_teacher import load_teacher
+from plumbing.data import gaussians8
+from train_teacher import TeacherConfig, load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -32,7 +31,7 @@ def rms(x: torch.Tensor) -> float:
 
 
 def teacher_of(folder) -> torch.nn.Module:
-    config = config_for("toy", out_dir=str(folder), device="cpu", iterations=1500)
+    config = TeacherConfig.from_preset("toy", out_dir=str(folder), device="cpu", iterations=1500)
     return load_teacher(config, CPU, train_if_missing=False)
 
 
@@ -154,18 +153,20 @@ def test_recording_and_the_fake_update_draw_from_one_function(tmp_path, toy_teac
 # ----------------------------------------------------------------------------------------
 
 
+def common_settings(folder, teacher_folder) -> dict:
+    """Two DMD updates with the tests' teacher: everything fast."""
+    return dict(out_dir=str(with_teacher(folder, teacher_folder)), device="cpu", iterations=1500, eval_samples=300,
+                eval_steps=[1, 256], log_every=1, ckpt_every=2, dmd_iterations=2, eval_every=2, fake_updates=1,
+                reg_pairs=64, reg_steps=8)
+
+
 def dmd_config(folder, teacher_folder, **overrides):
-    folder = with_teacher(folder, teacher_folder)
-    return {**config_for("toy", out_dir=str(folder), device="cpu", iterations=1500, eval_samples=300,
-                         eval_steps=[1, 256], log_every=1, ckpt_every=2),
-            **dmd.DMD_PRESETS["toy"], "dmd_iterations": 2, "eval_every": 2, "fake_updates": 1,
-            "reg_pairs": 64, "reg_steps": 8, **overrides}
+    return dmd.DMDConfig.from_preset("toy", **{**common_settings(folder, teacher_folder), **overrides})
 
 
 def disback_config(folder, teacher_folder, **overrides):
-    return dmd_config(folder, teacher_folder, **{**disback.DISBACK_PRESETS["toy"], "dmd_iterations": 2,
-                                                 "eval_every": 2, "fake_updates": 1, "reg_pairs": 64, "reg_steps": 8,
-                                                 "snapshots": 2, "record_iterations": 4, "interval": 1, **overrides})
+    return disback.DisBackConfig.from_preset("toy", **{**common_settings(folder, teacher_folder), "snapshots": 2,
+                                                  "record_iterations": 4, "interval": 1, **overrides})
 
 
 def retrain(folder) -> None:
@@ -181,7 +182,7 @@ def test_regression_pairs_follow_the_real_score_and_the_teacher(tmp_path, toy_te
     config = dmd_config(tmp_path, toy_teacher, dmd_label_dropout=0.0)  # class labels: guidance matters
     teacher = load_teacher(config, CPU, train_if_missing=False)
     plain = dmd.regression_pairs(teacher, config, CPU)
-    guided_pairs = dmd.regression_pairs(teacher, {**config, "real_guidance": 2.0}, CPU)
+    guided_pairs = dmd.regression_pairs(teacher, config.replace(real_guidance=2.0), CPU)
     expected = ddim_sample(guided(teacher, 2.0, teacher.null_label), guided_pairs["z"], 8, guided_pairs["labels"])
     assert torch.allclose(guided_pairs["y"], expected, atol=1e-6)
     assert rms(guided_pairs["y"] - plain["y"]) > 1e-3  # not the unguided teacher's pairs
@@ -198,7 +199,7 @@ def test_regression_pairs_follow_the_real_score_and_the_teacher(tmp_path, toy_te
 def test_dmd_resume_refuses_a_changed_real_score(tmp_path, toy_teacher, change):
     config = dmd_config(tmp_path, toy_teacher, dmd_label_dropout=0.9, dmd_iterations=1)
     dmd.train_dmd(config)
-    more = {**config, "dmd_iterations": 2}
+    more = config.replace(dmd_iterations=2)
     if change == "teacher":
         retrain(tmp_path)
         with pytest.raises(UserError, match="made from another teacher"):
@@ -206,7 +207,7 @@ def test_dmd_resume_refuses_a_changed_real_score(tmp_path, toy_teacher, change):
     else:
         (key, value), = change.items()
         with pytest.raises(UserError, match=f"{key}="):
-            dmd.train_dmd({**more, **change}, resume=True)
+            dmd.train_dmd(more.replace(**change), resume=True)
     if change == {"reg_steps": 4}:  # the unchanged run continues
         assert dmd.train_dmd(more, resume=True)["final"]["step"] == 2
 
@@ -215,10 +216,10 @@ def test_disback_path_is_tied_to_its_teacher(tmp_path, toy_teacher):
     config = disback_config(tmp_path, toy_teacher)
     disback.train_disback(config)
     with pytest.raises(UserError, match="interval="):  # stage 2's schedule is part of the run too
-        disback.train_disback({**config, "interval": 2, "dmd_iterations": 3}, resume=True)
+        disback.train_disback(config.replace(interval=2, dmd_iterations=3), resume=True)
     retrain(tmp_path)
     with pytest.raises(UserError, match="DisBack path .* made from another teacher"):
-        disback.train_disback({**config, "dmd_iterations": 3}, resume=True)
+        disback.train_disback(config.replace(dmd_iterations=3), resume=True)
 
 
 # ----------------------------------------------------------------------------------------

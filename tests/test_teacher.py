@@ -8,20 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
-import training
 from common import UserError, ddim_sample, load_checkpoint, save_checkpoint
-from data import gaussians8
-from metrics import toy_metrics
-from presets import config_for, parse_config
-from train_teacher import evaluate_teacher, load_teacher, train_teacher
+from plumbing import training
+from plumbing.config import parse_config
+from plumbing.data import gaussians8
+from plumbing.metrics import toy_metrics
+from train_teacher import TeacherConfig, evaluate_teacher, load_teacher, train_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny(tmp_path, **overrides):
-    return config_for("toy", out_dir=str(tmp_path), device="cpu", **overrides)
+    return TeacherConfig.from_preset("toy", out_dir=str(tmp_path), device="cpu", **overrides)
 
 
+@pytest.mark.slow
 def test_short_toy_teacher_reaches_quality(tmp_path):
     # 4000 iterations (the preset trains 20000): unconditional 64-step DDIM, null label.
     config = tiny(tmp_path, iterations=4000, eval_steps=[64], eval_samples=2000)
@@ -51,7 +52,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     part = tiny(tmp_path / "part", iterations=30, ckpt_every=30, log_every=10)
     train_teacher(part)
     torch.manual_seed(999)  # a resumed run must not depend on the process's RNG state
-    train_teacher({**part, "iterations": 60}, resume=True)
+    train_teacher(part.replace(iterations=60), resume=True)
     (m1, e1, s1), (m2, e2, s2) = _weights(whole["teacher"]), _weights(part["teacher"])
     assert s1 == s2 == 60
     for k in m1:
@@ -62,8 +63,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
 
 
 def test_killed_run_resumes_without_repeating_log_lines(tmp_path, monkeypatch):
-    import train_teacher as module
     from conftest import die_on_call, log_records
+
+    import train_teacher as module
 
     whole = tiny(tmp_path / "whole", iterations=60, ckpt_every=20, log_every=5)
     train_teacher(whole)
@@ -100,8 +102,8 @@ def test_load_teacher_errors(tmp_path):
     teacher = load_teacher(config, torch.device("cpu"))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     with pytest.raises(UserError, match=r"hidden=32 \(now 64\)"):
-        load_teacher({**config, "hidden": 64}, torch.device("cpu"))
-    with pytest.raises(UserError, match="exists; pass --resume"):
+        load_teacher(config.replace(hidden=64), torch.device("cpu"))
+    with pytest.raises(UserError, match="holds an earlier run; pass --resume"):
         train_teacher(config)
     Path(config["teacher"]).write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot be read"):
@@ -117,8 +119,8 @@ def test_missing_teacher_is_trained_first(tmp_path, capsys):
 
 
 def test_cli_overrides_every_field():
-    config = parse_config("t", argv=["--preset", "toy", "--batch-size", "7", "--eval-steps", "1", "3",
-                                     "--no-amp", "--lr", "0.5", "--data", "moons"])
+    config, _ = parse_config(TeacherConfig, "t", ["--preset", "toy", "--batch-size", "7", "--eval-steps", "1", "3",
+                                                  "--no-amp", "--lr", "0.5", "--data", "moons"])
     assert config["batch_size"] == 7 and config["eval_steps"] == [1, 3] and config["amp"] is False
     assert config["lr"] == 0.5 and config["num_classes"] == 2 and config["out_dir"] == os.path.join("runs", "toy")
 

@@ -120,6 +120,7 @@ def save_checkpoint(path, state: dict) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.as_dict() if hasattr(v, "as_dict") else v for k, v in state.items()}  # configs as plain dicts
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -272,9 +273,18 @@ def seeded_rng(seed: int, device):
 
 
 def progress(iterable, desc: str, **kwargs):
-    """A tqdm bar (quiet when stderr is not a terminal and CI is set)."""
-    return tqdm(iterable, desc=desc, dynamic_ncols=True, mininterval=1.0,
-                disable=bool(os.environ.get("CI")) and not sys.stderr.isatty(), **kwargs)
+    """A tqdm bar (quiet with TQDM_DISABLE set, or when stderr is not a terminal and CI is set)."""
+    quiet = bool(os.environ.get("TQDM_DISABLE")) or (bool(os.environ.get("CI")) and not sys.stderr.isatty())
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, mininterval=1.0, disable=quiet, **kwargs)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, model: nn.Module, clip: float) -> torch.Tensor:
+    """zero_grad, backward, clip the global gradient norm, step; returns the norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return grad_norm
 
 
 def autocast(config: dict, device: torch.device):

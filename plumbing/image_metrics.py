@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UserError, load_checkpoint, save_checkpoint
-from training import progress
+from plumbing.training import progress
 
 
 def _fid_class():
@@ -87,7 +87,7 @@ def classifier_accuracy(model: FeatureClassifier, images: torch.Tensor, labels: 
 
 def load_classifier(config: dict, device, steps: int) -> tuple[FeatureClassifier, dict]:
     """The preset's classifier, trained on the training set once and cached in out_dir."""
-    from data import load_cifar10, load_fashion_mnist
+    from plumbing.data import load_cifar10, load_fashion_mnist
 
     path = Path(config["out_dir"]) / "feature_classifier.pt"
     state = load_checkpoint(path, "feature classifier") if path.exists() else None
@@ -170,3 +170,27 @@ class CachedFrechet:
         for i in range(0, len(images), 500):
             self.metric.update(self._prepare(images[i:i + 500]), real=False)
         return float(self.metric.compute())
+
+
+def load_lpips(config, device):
+    """LPIPS through torchmetrics; its VGG weights must be downloadable or cached."""
+    if config.net == "mlp":
+        raise UserError("--reg-loss lpips needs images; use --reg-loss mse or pseudo-huber on toy data")
+    try:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+    except ImportError:
+        raise UserError("--reg-loss lpips needs torchmetrics (pip install torchmetrics); "
+                        "or use --reg-loss pseudo-huber") from None
+    try:
+        metric = LearnedPerceptualImagePatchSimilarity(net_type="vgg", normalize=False).to(device)
+    except Exception as e:
+        raise UserError(f"LPIPS weights cannot be loaded ({type(e).__name__}); "
+                        "use --reg-loss pseudo-huber, which needs no download") from None
+
+    def lpips(x, y):
+        if x.shape[1] == 1:  # grey images: LPIPS's network wants three channels
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+        with torch.autocast(x.device.type, enabled=False):  # the comparison in fp32
+            return metric(x.float(), y.float())
+
+    return lpips

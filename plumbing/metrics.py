@@ -13,7 +13,7 @@ import numpy as np
 import ot
 import torch
 
-from data import GaussianMixture
+from plumbing.data import GaussianMixture
 
 MMD_BANDWIDTHS = (0.02, 0.05, 0.1, 0.2)  # the scales of gaussians8 (std 0.08) and moons
 OFF_MODE_STDS = 4.0
@@ -120,8 +120,8 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
     Returns {steps: metrics}.
     """
     from common import save_image_grid, save_scatter
-    from training import seeded_rng
-    from data import toy_dataset
+    from plumbing.data import toy_dataset
+    from plumbing.training import seeded_rng
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,244 @@
+"""Configs as plain dataclasses, presets as small overrides of their defaults, and a command line
+on which every field can be overridden (`--batch-size 64`, `--ch-mult 1 2 2`, `--no-hflip`).
+
+Each script declares its hyperparameters as a dataclass whose defaults are its paper's values,
+one commented line per field; the comment is the field's `--help`. A class's `PRESETS` holds
+only what a preset changes:
+
+    @dataclass
+    class PDConfig(TeacherConfig):
+        start_steps: int = 8192   # the teacher's DDIM steps N in the first round (paper: 8192)
+        PRESETS: ClassVar[dict] = {"toy": dict(start_steps=64)}
+
+    PDConfig.from_preset("toy", round_iterations=500)   # toy values, then field overrides
+    parse_config(PDConfig, __doc__)                # the same from the command line
+
+Presets: toy (2-D data, an MLP, the CPU), fmnist (Fashion-MNIST, a small UNet), cifar10 (DDPM's
+UNet, the papers' settings), auto (cifar10 where CUDA is available, otherwise toy).
+
+A config also reads like the dict it is saved as (`config["lr"]`, `{**config}`), so the plumbing
+and the checkpoints need not care which script made it. Whether a checkpoint fits a run is
+derived from the fields: the network's fields for a teacher, and `run_keys()` for a method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from plumbing.training import UserError
+
+PRESET_NAMES = ["auto", "toy", "fmnist", "cifar10"]
+DATA_INFO = {"gaussians8": (8, 2), "moons": (2, 2), "fmnist": (10, 1), "cifar10": (10, 3)}  # (classes, channels)
+
+
+class Config:
+    """Dict-like access, presets, checks and the keys that tie a checkpoint to a run."""
+
+    PRESETS: ClassVar[dict] = {}
+    RESUMABLE: ClassVar[tuple] = ()  # own fields a resumed run may change (more updates, another cadence)
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """One-line errors for values that make no sense; each class adds its own."""
+
+    # -- presets ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        """The preset's values of every class in the hierarchy, then `overrides`."""
+        values = {"preset": name}
+        for klass in reversed(cls.__mro__):
+            values.update(klass.__dict__.get("PRESETS", {}).get(name, {}))
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise UserError(f"unknown config fields {sorted(unknown)} for {cls.__name__}")
+        return cls(**{**values, **overrides})
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    # -- reading like a dict -----------------------------------------------------------------
+
+    def __getitem__(self, name: str):
+        return getattr(self, name)
+
+    def get(self, name: str, default=None):
+        return getattr(self, name, default)
+
+    def keys(self):
+        return [*(f.name for f in dataclasses.fields(self)), "num_classes", "in_ch"]
+
+    def as_dict(self) -> dict:
+        """What a checkpoint stores: every field, and the derived ones the network needs."""
+        return {name: self[name] for name in self.keys()}
+
+    @property
+    def num_classes(self) -> int:
+        return DATA_INFO[self.data][0]
+
+    @property
+    def in_ch(self) -> int:
+        return DATA_INFO[self.data][1]
+
+    # -- which fields tie a checkpoint to a run ---------------------------------------------------
+
+    @classmethod
+    def own_fields(cls) -> list[str]:
+        """The fields declared by this class itself (not inherited)."""
+        bases = [base for base in cls.__bases__ if dataclasses.is_dataclass(base)]
+        inherited = {f.name for base in bases for f in dataclasses.fields(base)}
+        return [f.name for f in dataclasses.fields(cls) if f.name not in inherited]
+
+    @classmethod
+    def run_keys(cls, upto: type) -> tuple:
+        """The fields a resumed checkpoint must share with this run: every field declared from `upto`'s
+        subclass down to `cls`, except the RESUMABLE ones, and the seed."""
+        keys = []
+        for klass in cls.__mro__:
+            if klass is upto or not dataclasses.is_dataclass(klass):
+                break
+            keys += [k for k in klass.own_fields() if k not in klass.__dict__.get("RESUMABLE", ())]
+        return (*keys, "seed")
+
+
+@dataclass
+class NetworkConfig(Config):
+    """The data and the network: what a teacher checkpoint must match to be loaded."""
+
+    data: str = "cifar10"             # data set: gaussians8 | moons (toy), fmnist, cifar10
+    net: str = "unet"                 # network: mlp (toy data) or unet (images)
+    hidden: int = 256                 # MLP width
+    depth: int = 3                    # MLP hidden layers
+    channels: int = 128               # UNet base channels (DDPM's CIFAR-10 network)
+    ch_mult: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 2, 2])  # UNet channel multipliers
+    num_res_blocks: int = 2           # UNet residual blocks per resolution
+    attn_res: list[int] = dataclasses.field(default_factory=lambda: [16])  # UNet resolutions with self-attention
+
+    PRESETS: ClassVar[dict] = {
+        "toy": dict(data="gaussians8", net="mlp"),
+        "fmnist": dict(data="fmnist", channels=64, ch_mult=[1, 2, 2]),
+    }
+
+    @classmethod
+    def network_keys(cls) -> tuple:
+        return tuple(f.name for f in dataclasses.fields(NetworkConfig))
+
+    def check(self) -> None:
+        super().check()
+        if self.data not in DATA_INFO:
+            raise UserError(f"unknown data set {self.data!r}; choose one of {', '.join(DATA_INFO)}")
+        if (self.data in ("gaussians8", "moons")) != (self.net == "mlp"):
+            raise UserError(f"--net {self.net} does not fit --data {self.data}: toy data uses --net mlp, "
+                            "images --net unet")
+
+
+@dataclass
+class RunConfig(NetworkConfig):
+    """Everything about a run that is not the algorithm: folders, device, seeds, evaluation, cadence."""
+
+    preset: str = "cifar10"           # the preset these values came from (names the run folder)
+    data_dir: str | None = None       # where image data sets are looked for (and downloaded to)
+    device: str = "auto"              # auto (cuda, then mps, then cpu), cuda, mps or cpu
+    out_dir: str | None = None        # run folder (default runs/<preset>)
+    teacher: str | None = None        # teacher checkpoint (default <out_dir>/teacher.pt)
+    seed: int = 0                     # seed for weights, noise and data order
+    eval_steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 8, 64, 256])  # DDIM steps measured
+    eval_samples: int = 64            # samples per measurement
+    eval_seed: int = 1234             # seed of the evaluation noise (the same in every script)
+    log_every: int = 500              # updates between log lines
+    ckpt_every: int = 5000            # updates between checkpoints
+    sample_every: int = 20_000        # updates between sample pictures
+    amp: bool = True                  # bf16 autocast on CUDA (docs/precision.md)
+    compile: bool = False             # torch.compile the network (CUDA)
+
+    PRESETS: ClassVar[dict] = {
+        "toy": dict(eval_samples=2000, sample_every=5000),
+        "fmnist": dict(log_every=200, ckpt_every=2000, sample_every=5000),
+    }
+
+    def __post_init__(self):
+        self.out_dir = self.out_dir or str(Path("runs") / self.preset)
+        self.teacher = self.teacher or str(Path(self.out_dir) / "teacher.pt")
+        super().__post_init__()
+
+    def check(self) -> None:
+        super().check()
+        for name in ("eval_samples", "log_every", "ckpt_every", "sample_every"):
+            if self[name] < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {self[name]}")
+        if any(s < 1 for s in self.eval_steps):
+            raise UserError("--eval-steps must all be at least 1")
+
+
+# ----------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------
+
+
+def field_help(cls) -> dict:
+    """{field: its comment} from the source of every dataclass in the hierarchy."""
+    helps = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for name, text in re.findall(r"^    (\w+): [^\n]*?#\s*([^\n]*)$", source, re.M):
+            helps[name] = text
+    return helps
+
+
+def resolve_preset(name: str) -> str:
+    if name == "auto":
+        chosen = "cifar10" if torch.cuda.is_available() else "toy"
+        why = "CUDA is available" if chosen == "cifar10" else "no CUDA GPU found"
+        print(f"preset: auto -> {chosen} ({why}; pass --preset to choose)")
+        return chosen
+    if name not in PRESET_NAMES:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    return name
+
+
+def parse_config(cls, description: str, argv=None, flags: dict | None = None):
+    """The command line -> (config, {flag: bool}). `flags` ({name: help}) are switches that are
+    not part of a config (e.g. --resume)."""
+    flags = flags or {}
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", default="auto",
+                        help=f"one of {', '.join(PRESET_NAMES)} (default auto); it sets every value below")
+    for name, text in flags.items():
+        parser.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
+    groups = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "preset":
+            continue
+        owner = next(k for k in reversed(cls.__mro__) if f.name in getattr(k, "__dataclass_fields__", {}))
+        title = (owner.__doc__ or owner.__name__).strip().splitlines()[0].rstrip(".")
+        group = groups.get(owner) or groups.setdefault(owner, parser.add_argument_group(title))
+        kind, flag = hints[f.name], "--" + f.name.replace("_", "-")
+        base = [a for a in typing.get_args(kind) if a is not type(None)]
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps.get(f.name))
+        elif typing.get_origin(kind) is list:
+            group.add_argument(flag, type=typing.get_args(kind)[0], nargs="+", default=None, help=helps.get(f.name))
+        else:
+            group.add_argument(flag, type=base[0] if base else kind, default=None, help=helps.get(f.name))
+    args = parser.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                 if f.name != "preset" and getattr(args, f.name) is not None}
+    config = cls.from_preset(resolve_preset(args.preset), **overrides)
+    return config, {name: getattr(args, name) for name in flags}

@@ -1,0 +1,155 @@
+"""Run management for every training loop, so that a method file shows only its update:
+
+    loop = Loop(out / "progress.pt", config, phase="round 32", total=iterations, desc="PD 64->32",
+                state={"model": student, "opt": opt, "stream": stream})
+    for step in loop:                  # resumes, draws a progress bar, checkpoints every ckpt_every
+        ...the update...
+        loop.log(loss=loss, **loss_by_t_bucket(per_example, t))   # a log line every log_every
+
+What it takes care of:
+- resuming: a checkpoint of the same `phase` at `path` restores every object in `state` (modules,
+  optimisers, EMA, batch streams: anything with `state_dict`), the RNGs, `loop.extra`, the step,
+  and the log exactly as it was (a killed run's later lines are dropped, none is repeated);
+  a checkpoint made with other settings (`keys` of the config) is refused with one line;
+- checkpoints, written atomically every `ckpt_every` updates (and after the last one when
+  `checkpoint_at_end`), holding tensors and plain values only;
+- a progress bar (`loop.show(...)` sets its postfix) and `loop.write(...)` for a line beside it;
+- `loop.due(every)`: true after every `every`-th update and after the last one;
+- `loop.extra`: plain data (histories, timers) that travels with the checkpoint;
+- `loop.seconds`: training time, not counting the blocks run `with loop.off_the_clock():`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+
+from plumbing.training import (LogWriter, UserError, check_compatible, load_checkpoint, progress, read_json,
+                               rng_state, save_checkpoint, set_rng_state, write_json)
+
+
+class Loop:
+    def __init__(self, path, config: dict, phase: str, total: int, state: dict, desc: str, keys=(),
+                 log: LogWriter | None = None, checkpoint_at_end: bool = False, ckpt_every: int | None = None,
+                 resume: bool = True, kind: str = "progress"):
+        self.path, self.config, self.phase, self.total = Path(path), config, phase, total
+        self.state, self.desc, self.keys, self.kind = state, desc, keys, kind
+        if self.path.exists() and not resume:
+            raise UserError(f"{self.path.parent} holds an earlier run; pass --resume to continue it, "
+                            "or --out-dir (or --tag) for a new run")
+        self.log_writer = log or LogWriter(self.path.parent / "log.jsonl", resume=self.path.exists())
+        self.checkpoint_at_end, self.ckpt_every = checkpoint_at_end, ckpt_every or config["ckpt_every"]
+        self.extra: dict = {}  # plain data saved with each checkpoint
+        self.more: dict = {}  # fixed entries of every checkpoint, set by the caller
+        self.step, self.index, self.seconds, self._paused = 0, 0, 0.0, 0.0
+        self.resumed = self._restore()
+
+    # -- resume and checkpoints ----------------------------------------------------------
+
+    def _restore(self) -> bool:
+        if not self.path.exists():
+            return False
+        saved = load_checkpoint(self.path, f"{self.desc} checkpoint")
+        if saved.get("phase") != self.phase:  # another phase's progress (an earlier round): start afresh
+            return False
+        check_compatible(saved["config"], self.config, self.keys, f"{self.desc} checkpoint", self.path)
+        for name, obj in self.state.items():
+            obj.load_state_dict(saved[name])
+        set_rng_state(saved["rng"])
+        self.log_writer.restore(saved["log"])
+        self.step, self.seconds, self.extra = saved["step"], saved["seconds"], saved["extra"]
+        self.saved = saved
+        if self.step < self.total:
+            print(f"resuming {self.desc} at update {self.step}")
+        return True
+
+    def checkpoint(self, **more) -> None:
+        """Save everything the loop resumes from (and `more`, e.g. the teacher's fingerprint)."""
+        save_checkpoint(self.path, {"kind": self.kind, "phase": self.phase, "config": self.config,
+                                    "step": self.step, "seconds": self.seconds, "extra": self.extra,
+                                    **{name: obj.state_dict() for name, obj in self.state.items()},
+                                    "rng": rng_state(), "log": self.log_writer.records(), **self.more, **more})
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def __iter__(self):
+        self.bar = progress(range(self.step, self.total), self.desc, initial=self.step, total=self.total)
+        for index in self.bar:
+            self.index, self._paused, tick = index, 0.0, time.perf_counter()
+            yield self.index
+            self.step = self.index + 1
+            self.seconds += time.perf_counter() - tick - self._paused
+            last = self.step == self.total
+            if (self.step % self.ckpt_every == 0 and not last) or (last and self.checkpoint_at_end):
+                self.checkpoint()
+        self.bar.close()
+
+    def due(self, every: int) -> bool:
+        """Inside the loop: whether this update is an `every`-th one, or the last."""
+        n = self.index + 1
+        return n % every == 0 or n == self.total
+
+    # -- logs and the bar ----------------------------------------------------------------
+
+    def log(self, **values) -> None:
+        """One JSON line {"step": updates done, **values} every `log_every` updates and after the last."""
+        if self.due(self.config["log_every"]):
+            values = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
+            self.log_writer.write({"step": self.index + 1, **values})
+            self.show(**{k: v for k, v in values.items() if k.startswith("loss")})
+
+    def show(self, **values) -> None:
+        self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()})
+
+    def write(self, line: str) -> None:
+        self.bar.write(line)
+
+    @contextlib.contextmanager
+    def off_the_clock(self):
+        """Evaluation inside the loop: not counted in `loop.seconds`."""
+        tick = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - tick
+
+
+class Ladder:
+    """A run whose stages each end in a saved model: progressive distillation's rounds, guided
+    distillation's stage one and rounds. `ladder.stage(name, train, load)` loads a finished stage
+    instead of training it again; an interrupted one resumes from its own progress checkpoint (its
+    `Loop`), with the log as it was when the last finished stage ended. `ladder.metrics` is the
+    run's metrics.json, kept across a resume; `ladder.save_metrics()` writes it."""
+
+    def __init__(self, out: Path, config: dict, resume: bool):
+        self.out, self.config = Path(out), config
+        if self.out.exists() and any(self.out.glob("*.pt")) and not resume:
+            raise UserError(f"{self.out} holds an earlier run; pass --resume to continue it, "
+                            "or --out-dir for a new run")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = read_json(self.out / "metrics.json") if resume else {}
+        self.log = LogWriter(self.out / "log.jsonl", resume=resume)
+        self.logged: list = []  # the log as it was when the last finished stage ended
+
+    def stage(self, name: str, train, load, **saved):
+        """(model, seconds) of stage `name`: `load(path)` if it has finished, otherwise `train()`, then
+        saved as <out>/<name>.pt with `saved` (e.g. its step count) and the log."""
+        path = self.out / f"{name}.pt"
+        if path.exists():
+            state = load_checkpoint(path, f"{name} checkpoint")
+            self.logged = state["log"]
+            return load(path), state["seconds"]
+        self.log.restore(self.logged)  # drop an interrupted stage's lines (its Loop restores its checkpoint's)
+        start = time.perf_counter()
+        model = train()
+        seconds, self.logged = time.perf_counter() - start, self.log.records()
+        save_checkpoint(path, {"kind": name, "config": self.config, **saved, "model": model.state_dict(),
+                               "seconds": seconds, "log": self.logged})
+        (self.out / "progress.pt").unlink(missing_ok=True)
+        return model, seconds
+
+    def save_metrics(self) -> None:
+        write_json(self.out / "metrics.json", self.metrics)

@@ -1,0 +1,318 @@
+"""Reports: what the method scripts measure, draw and write beside their training, kept out of
+the method files so that those read as the papers' algorithms.
+
+    progressive distillation   evaluate_pd_student, plot_pd_quality
+    guided distillation        GuidedEvaluator, print_guided_round, plot_guided_quality
+    DMD                        save_dm_view, dmd_report (metrics.json), sampling_speed, plot_dmd_history
+    DisBack                    compare_with_dmd, plot_disback_convergence
+
+The method modules are imported inside the functions that need them (they import this module).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common import Denoiser, ddim_sample, diffuse, guided, read_json, save_image_grid, save_scatter, write_json
+from plumbing.data import toy_dataset
+from plumbing.metrics import evaluate_sampler, reference_metrics, sampler_floor
+from plumbing.training import samples_per_second
+from train_teacher import load_teacher, teacher_dir
+
+# ----------------------------------------------------------------------------------------
+# Progressive distillation
+# ----------------------------------------------------------------------------------------
+
+
+def evaluate_pd_student(student: Denoiser, steps: int, config: dict, device, out: Path) -> dict:
+    results = evaluate_sampler(lambda z, c, n: ddim_sample(student, z, n, c), config, out / f"student_{steps}",
+                               [steps], device, title="PD student ")
+    return results[steps]
+
+
+def print_pd_round(n_steps: int, result: dict, seconds: float) -> None:
+    summary = f"  student {n_steps:>4} steps"
+    if "off_mode" in result:
+        summary += f": off-mode {result['off_mode']:.1%}  MMD {result['mmd']:.4f}"
+    print(summary + f"  ({seconds:.0f} s)")
+
+
+def plot_pd_quality(metrics: dict, png: Path) -> None:
+    """Students against the teacher's own DDIM at the same step counts (toy data)."""
+    from matplotlib.figure import Figure
+
+    teacher = metrics.get("teacher_ddim", {}).get("ddim", {})
+    students = metrics.get("students", {})
+    key = "off_mode" if any("off_mode" in m for m in students.values()) else "mmd"
+    if not students or not any(key in m for m in students.values()):
+        return
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    for label, table, style in (("teacher DDIM", teacher, "o--"), ("PD student", students, "s-")):
+        pts = sorted((int(k), v[key]) for k, v in table.items() if key in v)
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sampling steps (network calls)")
+    ax.set_ylabel(key.replace("_", "-") + (" rate" if key == "off_mode" else ""))
+    ax.set_title("progressive distillation: quality vs steps", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+# ----------------------------------------------------------------------------------------
+# Guided distillation
+# ----------------------------------------------------------------------------------------
+
+
+class GuidedEvaluator:
+    """Samples a student at each w in `eval_ws` on the shared evaluation noise and, on toy data,
+    measures it against the guided teacher's 256-step DDIM at that w (with that sampler's floor:
+    a second draw of it). Also measures the guided teacher's own DDIM at the student's step count."""
+
+    def __init__(self, teacher: Denoiser, config: dict, device, out: Path, resume: bool = False):
+        import guided_distill as gd  # the sampler, the w binding and the class-balanced labels
+
+        self.gd = gd
+        self.teacher, self.config, self.device, self.out = teacher, config, device, out
+        self.toy = config["net"] == "mlp"
+        n = config["eval_samples"] if self.toy else 2 * config["num_classes"]
+        shape = (n, 2) if self.toy else (n, config["in_ch"], 32, 32)
+        g = torch.Generator().manual_seed(config["eval_seed"])
+        self.z, self.z2 = (torch.randn(shape, generator=g).to(device) for _ in range(2))
+        self.labels = gd.labels_for(n, config, device)
+        self.mixture = toy_dataset(config["data"]) if config["data"] == "gaussians8" else None
+        self.references = {}
+        self.teacher_rows = read_json(out / "metrics.json").get("teacher", {}) if resume else {}  # before a resume
+
+    def guided_teacher(self, w: float, z: torch.Tensor, steps: int) -> torch.Tensor:
+        return ddim_sample(guided(self.teacher, w, self.teacher.null_label), z, steps, self.labels).float().cpu()
+
+    def reference(self, w: float):
+        """The target distribution at w, and its floor from a second draw: both made once per w."""
+        if w not in self.references:
+            ref = self.guided_teacher(w, self.z, self.gd.REFERENCE_STEPS)
+            floor = sampler_floor(ref.numpy(), self.guided_teacher(w, self.z2, self.gd.REFERENCE_STEPS).numpy())
+            self.references[w] = (ref, floor)
+        return self.references[w]
+
+    def probe(self, model, z: torch.Tensor, steps: int) -> torch.Tensor:
+        """Stage two's diagnostic on shared noise, at w_max."""
+        w_max, labels = self.config["w_max"], self.gd.labels_for(z.shape[0], self.config, z.device)
+        return ddim_sample(self.gd.at_w(model, w_max), z, steps, labels)
+
+    def measure(self, x: torch.Tensor, w: float) -> dict:
+        if not self.toy:
+            return {}
+        ref, floor = self.reference(w)
+        return reference_metrics(x.numpy(), ref.numpy(), floor, self.mixture)
+
+    def __call__(self, student: Denoiser, steps: int, samplers=("ddim", "stochastic"),
+                 folder: str | None = None) -> dict:
+        ws = [w for w in self.config["eval_ws"] if self.config["w_min"] <= w <= self.config["w_max"]]
+        if self.config["single_w"] is not None:
+            ws = [self.config["single_w"]]  # the single-w baseline is measured at its own w
+        results, panels = {sampler: {} for sampler in samplers}, {}
+        for w in ws:
+            if str(steps) not in self.teacher_rows.get(f"{w:g}", {}):
+                x = self.guided_teacher(w, self.z, steps)
+                self.teacher_rows.setdefault(f"{w:g}", {})[str(steps)] = self.measure(x, w)
+            for sampler in samplers:
+                g = torch.Generator().manual_seed(self.config["eval_seed"] + 1)  # the stochastic sampler's noise
+                x = self.gd.sample(student, self.z, self.labels, w, steps, sampler, g).float().cpu()
+                results[sampler][f"{w:g}"] = self.measure(x, w)
+                if self.toy:
+                    panels[f"w = {w:g}, {sampler}"] = x
+                else:
+                    save_image_grid(x, self.out / (folder or f"student_{steps}") / f"w{w:g}_{sampler}.png",
+                                    nrow=self.config["num_classes"])
+            if self.toy:
+                panels[f"w = {w:g}, guided teacher {self.gd.REFERENCE_STEPS}"] = self.reference(w)[0]
+        if self.toy:
+            save_scatter(panels, self.out / (folder or f"student_{steps}") / "samples.png", ncols=len(samplers) + 1)
+        return results
+
+
+def print_guided_round(n_steps: int, result: dict) -> None:
+    line = f"  student {n_steps:>4} steps"
+    for sampler, per_w in result.items():
+        if isinstance(per_w, dict) and per_w and all("mmd" in m for m in per_w.values()):
+            line += f"  {sampler} MMD " + " ".join(f"w{w}:{m['mmd']:.4f}" for w, m in per_w.items())
+    print(line)
+
+
+def plot_guided_quality(metrics: dict, png: Path) -> None:
+    """MMD to the guided teacher's 256-step samples against steps, one panel per w."""
+    from matplotlib.figure import Figure
+
+    students, teacher = metrics.get("students", {}), metrics.get("teacher", {})
+    ws = sorted({w for s in students.values() for w in s.get("ddim", {}) if "mmd" in s["ddim"][w]}, key=float)
+    if not ws:
+        return
+    fig = Figure(figsize=(3.2 * len(ws), 3.2))
+    for ax, w in zip(fig.subplots(1, len(ws), squeeze=False)[0], ws):
+        rows = {"guided teacher DDIM (2 calls/step)": (teacher.get(w, {}), "o--"),
+                "student DDIM": ({k: s["ddim"][w] for k, s in students.items()}, "s-"),
+                "student stochastic": ({k: s["stochastic"][w] for k, s in students.items() if "stochastic" in s},
+                                       "^-")}
+        for label, (table, style) in rows.items():
+            pts = sorted((int(k), max(v["mmd"], 1e-5)) for k, v in table.items() if "mmd" in v)
+            if pts:
+                ax.plot(*zip(*pts), style, label=label, ms=4)
+        floor = next(iter(students.values()))["ddim"][w]["mmd_floor"]
+        ax.axhline(max(floor, 1e-5), c="0.5", ls=":", lw=1, label="floor (teacher vs itself)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sampling steps")
+        ax.set_title(f"w = {w}", fontsize=10)
+    fig.axes[0].set_ylabel("MMD$^2$ to the guided teacher (256 steps)")
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+# ----------------------------------------------------------------------------------------
+# DMD
+# ----------------------------------------------------------------------------------------
+
+
+def save_dm_view(generator, real_score, fake_score, config: dict, device, png: Path) -> None:
+    """DMD2's debugging view: the generator's output x beside the real and fake scores'
+    predictions from the same noised x_t (t = 0.25). Where they differ is where G is pushed."""
+    g = torch.Generator().manual_seed(config["eval_seed"] + 1)
+    n = 500 if config["net"] == "mlp" else 8
+    shape = (2,) if config["net"] == "mlp" else (config["in_ch"], 32, 32)
+    from dmd import generate, sample_labels
+
+    z, labels = torch.randn(n, *shape, generator=g).to(device), sample_labels(n, config, g).to(device)
+    t = torch.full((n,), 0.25, device=device)
+    generator.eval()
+    with torch.no_grad():
+        x = generate(generator, z, labels, config["steps"])
+        x_t = diffuse(x, t, torch.randn(x.shape, generator=g).to(device))
+        panels = {"generator x": x, "real score mu_real(x_t)": real_score(x_t, t, labels),
+                  "fake score mu_fake(x_t)": fake_score(x_t, t, labels)}
+    generator.train()
+    if config["net"] == "mlp":
+        save_scatter({k: v.cpu().numpy() for k, v in panels.items()}, png)
+    else:
+        save_image_grid(torch.cat(list(panels.values())), png, nrow=n)
+
+
+class DMDMonitor:
+    """`monitor(step, ...)`: the generator's metrics and sample pictures at an evaluation point, and
+    DMD2's view of the two scores; the records accumulate in `history` (saved with the checkpoint)."""
+
+    def __init__(self, config, out: Path, sampler, device, history: list):
+        self.config, self.out, self.sampler, self.device, self.history = config, out, sampler, device, history
+
+    def __call__(self, step: int, generator=None, real_score=None, fake_score=None) -> str:
+        from dmd import generate
+
+        folder, K = self.out / f"eval_{step:07d}", self.config.steps
+        if generator is not None:
+            save_dm_view(generator, real_score, fake_score, self.config, self.device, folder / "dm_view.png")
+        self.sampler.eval()
+        result = evaluate_sampler(lambda z, c, n: generate(self.sampler, z, c, n), self.config, folder, [K],
+                                  self.device, title=f"DMD update {step}: ")[K]
+        self.sampler.train()
+        self.history.append({"step": step, **result})
+        return f"  update {step}: off-mode {result['off_mode']:.1%}  MMD {result['mmd']:.4f}" \
+            if "off_mode" in result else f"  update {step}: samples in {folder}"
+
+
+def dmd_report(config: dict, out: Path, history: list, train_time: float, sampler, device) -> dict:
+    """metrics.json: the final generator beside the teacher's DDIM, the convergence history,
+    and the sampling speed (samples/s, generator K steps vs the teacher's 256-step DDIM)."""
+    teacher_metrics = read_json(teacher_dir(config) / "metrics.json")
+    speed = sampling_speed(sampler, config, device)
+    metrics = {"preset": config["preset"], "steps": config["steps"], "reg_weight": config["reg_weight"],
+               "fake_updates": config["fake_updates"], "train_time_s": round(train_time, 1),
+               "final": history[-1], "history": history, "teacher_ddim": teacher_metrics.get("ddim", {}),
+               "samples_per_s": speed}
+    write_json(out / "metrics.json", metrics)
+    plot_dmd_history(history, teacher_metrics.get("ddim", {}), out / "convergence.png", config)
+    return metrics
+
+
+@torch.no_grad()
+def sampling_speed(sampler, config: dict, device, teacher_steps: int = 256) -> dict:
+    """Samples per second on one batch after a warm-up, synchronised on CUDA."""
+    from dmd import generate
+
+    teacher = load_teacher(config, device, train_if_missing=False)
+    n = 2000 if config["net"] == "mlp" else 64
+    shape = (2,) if config["net"] == "mlp" else (config["in_ch"], 32, 32)
+    z = torch.randn(n, *shape, device=device)
+    labels = torch.full((n,), config["num_classes"], device=device)
+
+    sampler.eval()
+    gen = samples_per_second(lambda: generate(sampler, z, labels, config["steps"]), n, device)
+    sampler.train()
+    ddim = samples_per_second(lambda: ddim_sample(teacher, z, teacher_steps, labels), n, device)
+    return {"batch": n, "generator": round(gen, 1), f"teacher_ddim_{teacher_steps}": round(ddim, 1),
+            "speedup": round(gen / ddim, 1)}
+
+
+def plot_dmd_history(history: list, teacher: dict, png: Path, config: dict) -> None:
+    from matplotlib.figure import Figure
+
+    key = "off_mode" if "off_mode" in history[-1] else "mmd"
+    if key not in history[-1]:
+        return
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.subplots()
+    ax.plot([h["step"] for h in history], [h[key] for h in history], "o-", label=f"DMD {config['steps']}-step")
+    for steps, style in (("1", ":"), ("4", "--"), ("256", "-")):
+        if steps in teacher and key in teacher[steps]:
+            ax.axhline(teacher[steps][key], ls=style, c="0.4", lw=1, label=f"teacher DDIM {steps}")
+    save_convergence(fig, ax, key, png)
+
+
+def save_convergence(fig, ax, key: str, png: Path) -> None:
+    """A metric against generator updates, log scale (DMD's and DisBack's convergence plots)."""
+    ax.set_yscale("log")
+    ax.set_xlabel("generator updates")
+    ax.set_ylabel(key.replace("_", "-"))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+# ----------------------------------------------------------------------------------------
+# DisBack
+# ----------------------------------------------------------------------------------------
+
+
+def compare_with_dmd(config: dict, metrics: dict) -> dict:
+    """Against plain DMD's run with the same settings (run_dir of dmd.py), when it exists: the first
+    evaluated update at which each reaches the worse of the two final values, and a plot."""
+    from disback import disback_dir
+    from dmd import run_dir
+
+    dmd_metrics = read_json(run_dir(config) / "metrics.json")
+    key = "off_mode" if "off_mode" in metrics["final"] else "mmd"
+    if not dmd_metrics or key not in dmd_metrics.get("final", {}):
+        return {}
+    curves = {"DMD": dmd_metrics["history"], "DisBack": metrics["history"]}
+    target = max(curves["DMD"][-1][key], curves["DisBack"][-1][key])
+    reached = {name: next((h["step"] for h in hist if h[key] <= target), None) for name, hist in curves.items()}
+    plot_disback_convergence(curves, key, metrics["teacher_reached_at"], disback_dir(config) / "convergence_vs_dmd.png")
+    return {"metric": key, "target": target, "updates_to_target": reached,
+            "final": {name: hist[-1][key] for name, hist in curves.items()},
+            "disback_recording_updates": config["record_iterations"] if config["snapshots"] else 0}
+
+
+def plot_disback_convergence(curves: dict, key: str, teacher_reached_at: int, png: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.subplots()
+    for name, hist in curves.items():
+        ax.plot([h["step"] for h in hist], [h[key] for h in hist], "o-", ms=3, label=name)
+    ax.axvline(teacher_reached_at, c="0.5", ls=":", lw=1, label="DisBack reaches the teacher")
+    save_convergence(fig, ax, key, png)
+
