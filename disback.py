@@ -42,7 +42,7 @@ import torch
 from common import (UserError, check_same_teacher, load_checkpoint, pick_device, run_cli, save_checkpoint,
                     seed_everything, trainable_copy, write_json)
 from dmd import DMDConfig, adamw, fake_score_loss, generator_samples, sample_labels, train_dmd
-from plumbing.config import parse_config
+from plumbing.config import parse_config, require
 from plumbing.loop import Loop
 from plumbing.reports import compare_with_dmd
 from plumbing.training import optimizer_step
@@ -182,16 +182,13 @@ def train_disback(config: DisBackConfig, resume: bool = False) -> dict:
 
 def check_config(config: DisBackConfig) -> None:
     """One-line errors for values that make no sense (called when a config is made)."""
-    if config.snapshots < 0:
-        raise UserError(f"--snapshots must be >= 0 (0: plain DMD), got {config.snapshots}")
+    require(config.snapshots >= 0, f"--snapshots must be >= 0 (0: plain DMD), got {config.snapshots}")
     n, m = config.snapshots, config.record_iterations
-    if n > 0 and (m < n or m % n):
-        raise UserError(f"--record-iterations {config.record_iterations} cannot hold {config.snapshots} "
-                        "snapshots evenly; give a multiple of --snapshots")
-    if config.interval < 1:
-        raise UserError(f"--interval must be at least 1, got {config.interval}")
-    if config.real_guidance > 0:
-        raise UserError("DisBack's path is recorded from the unguided teacher; use --real-guidance 0")
+    require(not (n > 0 and (m < n or m % n)),
+            f"--record-iterations {config.record_iterations} cannot hold {config.snapshots} "
+            "snapshots evenly; give a multiple of --snapshots")
+    require(config.interval >= 1, f"--interval must be at least 1, got {config.interval}")
+    require(config.real_guidance <= 0, "DisBack's path is recorded from the unguided teacher; use --real-guidance 0")
 
 
 def main(argv=None) -> None:

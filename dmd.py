@@ -57,10 +57,10 @@ import torch.nn as nn
 
 from common import (EMA, UserError, check_same_teacher, ddim_sample, diffuse, diffusion_loss, guided, load_checkpoint,
                     no_grad_fp32, pick_device, run_cli, save_checkpoint, seed_everything, trainable_copy)
-from plumbing.config import parse_config
+from plumbing.config import parse_config, require
 from plumbing.image_metrics import load_lpips
 from plumbing.loop import Loop
-from plumbing.reports import DMDMonitor, dmd_report
+from plumbing.reports import DMDMonitor, dmd_report, print_dmd_summary
 from plumbing.training import autocast, optimizer_step, progress
 from train_teacher import TeacherConfig, load_teacher, teacher_dir
 
@@ -359,18 +359,13 @@ def train_dmd(config: DMDConfig, resume: bool = False, out: Path | None = None, 
 
 def check_config(config: DMDConfig) -> None:
     """One-line errors for values that make no sense (called when a config is made)."""
-    if config.steps < 1:
-        raise UserError(f"--steps must be at least 1 (1 = one-step generator), got {config.steps}")
-    if config.reg_loss not in REG_LOSSES:
-        raise UserError(f"unknown --reg-loss {config.reg_loss!r}; choose one of {', '.join(REG_LOSSES)}")
-    if config.fake_updates < 1:
-        raise UserError(f"--fake-updates must be at least 1, got {config.fake_updates}")
-    if config.real_guidance < 0:
-        raise UserError(f"--real-guidance must be >= 0, got {config.real_guidance}")
-    if config.reg_weight < 0:
-        raise UserError(f"--reg-weight must be >= 0, got {config.reg_weight}")
-    if not 0.0 <= config.gen_ema < 1.0:
-        raise UserError(f"--gen-ema must be in [0, 1), got {config.gen_ema}")
+    require(config.steps >= 1, f"--steps must be at least 1 (1 = one-step generator), got {config.steps}")
+    require(config.reg_loss in REG_LOSSES,
+            f"unknown --reg-loss {config.reg_loss!r}; choose one of {', '.join(REG_LOSSES)}")
+    require(config.fake_updates >= 1, f"--fake-updates must be at least 1, got {config.fake_updates}")
+    require(config.real_guidance >= 0, f"--real-guidance must be >= 0, got {config.real_guidance}")
+    require(config.reg_weight >= 0, f"--reg-weight must be >= 0, got {config.reg_weight}")
+    require(0.0 <= config.gen_ema < 1.0, f"--gen-ema must be in [0, 1), got {config.gen_ema}")
 
 
 def main(argv=None) -> None:
@@ -379,15 +374,7 @@ def main(argv=None) -> None:
     resume = flags["resume"]
     print(f"DMD, {config.preset}: {config.steps}-step generator, {config.dmd_iterations} updates, "
           f"{config.fake_updates} fake-score updates each, regression weight {config.reg_weight}")
-    metrics = train_dmd(config, resume=resume)
-    final, teacher = metrics["final"], metrics["teacher_ddim"]
-    if "off_mode" in final:
-        line = f"{config.steps}-step generator: off-mode {final['off_mode']:.1%}, MMD {final['mmd']:.4f}"
-        if "256" in teacher:
-            line += f" (teacher DDIM 256 steps: {teacher['256']['off_mode']:.1%}, {teacher['256']['mmd']:.4f})"
-        print(line)
-    print(f"trained in {metrics['train_time_s']} s; {metrics['samples_per_s']['speedup']}x the samples/s of the "
-          f"teacher's 256-step DDIM; everything in {run_dir(config)}")
+    print_dmd_summary(config, train_dmd(config, resume=resume), run_dir(config))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ import torch
 from common import (Denoiser, UserError, alpha_sigma, ddim_sample, ddim_step, diffuse, drop_labels, guided,
                     load_checkpoint, no_grad_fp32, pick_device, run_cli, save_image_grid, save_scatter,
                     seed_everything, trainable_copy)
-from plumbing.config import parse_config
+from plumbing.config import parse_config, require
 from plumbing.loop import Ladder
 from plumbing.reports import GuidedEvaluator, plot_guided_quality, print_guided_round
 from plumbing.training import LogWriter
@@ -322,17 +322,13 @@ def check_config(config: GuidedConfig) -> None:
     """One-line errors for values that make no sense (called when a config is made)."""
     if config.single_w is not None:
         config.w_min = config.w_max = config.single_w
-    if config.w_min < 0 or config.w_max < 0:
-        raise UserError(f"guidance weights must be >= 0 (w = 0 is the conditional model), got "
-                        f"[{config.w_min}, {config.w_max}]")
-    if config.w_min > config.w_max:
-        raise UserError(f"--w-min {config.w_min} is above --w-max {config.w_max}; swap them")
-    if config.sampler not in SAMPLERS:
-        raise UserError(f"unknown --sampler {config.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if config.stage1_iterations < 1:
-        raise UserError(f"--stage1-iterations must be at least 1, got {config.stage1_iterations}")
-    if config.pd_label_dropout > 0:
-        raise UserError("guided distillation trains on class labels: use --pd-label-dropout 0")
+    require(min(config.w_min, config.w_max) >= 0,
+            f"guidance weights must be >= 0 (w = 0 is the conditional model), got "
+            f"[{config.w_min}, {config.w_max}]")
+    require(config.w_min <= config.w_max, f"--w-min {config.w_min} is above --w-max {config.w_max}; swap them")
+    require(config.sampler in SAMPLERS, f"unknown --sampler {config.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    require(config.stage1_iterations >= 1, f"--stage1-iterations must be at least 1, got {config.stage1_iterations}")
+    require(config.pd_label_dropout <= 0, "guided distillation trains on class labels: use --pd-label-dropout 0")
 
 
 def main(argv=None) -> None:

@@ -45,7 +45,7 @@ import torch.nn as nn
 from common import (Denoiser, UserError, check_compatible, ddim_sample, ddim_step, diffuse, drop_labels,
                     frozen_denoiser, invert_ddim, load_checkpoint, logsnr, loss_by_t_bucket, no_grad_fp32,
                     pick_device, read_json, run_cli, seed_everything, trainable_copy)
-from plumbing.config import NetworkConfig, parse_config
+from plumbing.config import NetworkConfig, parse_config, require
 from plumbing.data import BatchStream
 from plumbing.loop import Ladder, Loop
 from plumbing.reports import evaluate_pd_student, plot_pd_quality, print_pd_round
@@ -258,15 +258,15 @@ def check_config(config: PDConfig) -> None:
     """One-line errors for values that make no sense (called when a config is made)."""
     for name in ("start_steps", "to_steps"):
         n = config[name]
-        if not (n >= 1 and n & (n - 1) == 0):
-            raise UserError(f"--{name.replace('_', '-')} must be a power of two (1, 2, 4, ...), got {n}")
-    if config.to_steps >= config.start_steps:
-        raise UserError(f"--to-steps {config.to_steps} must be below the teacher's {config.start_steps} steps "
-                        "(--start-steps)")
-    if config.weighting not in WEIGHTINGS:
-        raise UserError(f"unknown --weighting {config.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
-    if not 0.0 <= config.pd_label_dropout <= 1.0:
-        raise UserError(f"--pd-label-dropout must be in [0, 1], got {config.pd_label_dropout}")
+        require(n >= 1 and n & (n - 1) == 0,
+                f"--{name.replace('_', '-')} must be a power of two (1, 2, 4, ...), got {n}")
+    require(config.to_steps < config.start_steps,
+            f"--to-steps {config.to_steps} must be below the teacher's {config.start_steps} steps "
+            "(--start-steps)")
+    require(config.weighting in WEIGHTINGS,
+            f"unknown --weighting {config.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+    require(0.0 <= config.pd_label_dropout <= 1.0,
+            f"--pd-label-dropout must be in [0, 1], got {config.pd_label_dropout}")
 
 
 def main(argv=None) -> None:

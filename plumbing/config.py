@@ -40,6 +40,12 @@ PRESET_NAMES = ["auto", "toy", "fmnist", "cifar10"]
 DATA_INFO = {"gaussians8": (8, 2), "moons": (2, 2), "fmnist": (10, 1), "cifar10": (10, 3)}  # (classes, channels)
 
 
+def require(ok: bool, message: str) -> None:
+    """A one-line error (`UserError`) with `message` unless `ok`."""
+    if not ok:
+        raise UserError(message)
+
+
 class Config:
     """Dict-like access, presets, checks and the keys that tie a checkpoint to a run."""
 

@@ -272,6 +272,17 @@ def plot_dmd_history(history: list, teacher: dict, png: Path, config: dict) -> N
     save_convergence(fig, ax, key, png)
 
 
+def print_dmd_summary(config, metrics: dict, folder: Path) -> None:
+    final, teacher = metrics["final"], metrics["teacher_ddim"]
+    if "off_mode" in final:
+        line = f"{config.steps}-step generator: off-mode {final['off_mode']:.1%}, MMD {final['mmd']:.4f}"
+        if "256" in teacher:
+            line += f" (teacher DDIM 256 steps: {teacher['256']['off_mode']:.1%}, {teacher['256']['mmd']:.4f})"
+        print(line)
+    print(f"trained in {metrics['train_time_s']} s; {metrics['samples_per_s']['speedup']}x the samples/s of the "
+          f"teacher's 256-step DDIM; everything in {folder}")
+
+
 def save_convergence(fig, ax, key: str, png: Path) -> None:
     """A metric against generator updates, log scale (DMD's and DisBack's convergence plots)."""
     ax.set_yscale("log")
