@@ -69,9 +69,12 @@ class DisBackConfig(DMDConfig):
         check_config(self)  # below the algorithm
 
 
-# What the recorded path and a resumed run must share with their checkpoints: every DMD and DisBack
-# field but DMD's resumable ones, and the seed.
-RUN_KEYS = DisBackConfig.run_keys(TeacherConfig)
+# What a resumed run must share with its checkpoint: every DMD and DisBack field but DMD's resumable
+# ones, the seed and the clip.
+RUN_KEYS = (*DisBackConfig.run_keys(TeacherConfig), "grad_clip")
+# What the recorded path depends on (besides the teacher's weights): DisBack's recording fields and G_0's samples.
+PATH_KEYS = (*(k for k in DisBackConfig.own_fields() if k != "interval"), "steps", "dmd_batch_size",
+             "dmd_label_dropout", "seed")
 
 
 def disback_dir(config: DisBackConfig) -> Path:
@@ -91,8 +94,8 @@ def record_degradation(teacher, config: DisBackConfig, device, folder: Path) -> 
     paths = [folder / f"snapshot_{i:02d}.pt" for i in range(1, n + 1)]
     for p in folder.glob("snapshot_*.pt"):  # a path recorded with other settings or teacher is not this run's
         saved = load_checkpoint(p, "DisBack snapshot")
-        if any(saved["config"].get(k) != config[k] for k in RUN_KEYS):
-            diff = ", ".join(f"{k}={saved['config'].get(k)}" for k in RUN_KEYS if saved["config"].get(k) != config[k])
+        if any(saved["config"].get(k) != config[k] for k in PATH_KEYS):
+            diff = ", ".join(f"{k}={saved['config'].get(k)}" for k in PATH_KEYS if saved["config"].get(k) != config[k])
             raise UserError(f"{folder} holds a path recorded with other settings ({diff}); "
                             "pass --tag for a new run folder, or delete it")
         check_same_teacher(saved.get("teacher"), teacher, "the DisBack path", folder)
@@ -103,7 +106,7 @@ def record_degradation(teacher, config: DisBackConfig, device, folder: Path) -> 
     score = trainable_copy(teacher)  # s' starts as s'_0 = the teacher
     opt = adamw(score, config.record_lr)
     loop = Loop(folder / "record_progress.pt", config, "recording", every * n, {"model": score, "opt": opt},
-                "stage 1: recording the path", keys=RUN_KEYS, ckpt_every=every)
+                "stage 1: recording the path", keys=PATH_KEYS, ckpt_every=every)
     batch, shape = config.dmd_batch_size, (2,) if config.net == "mlp" else (config.in_ch, 32, 32)
     losses = loop.extra.setdefault("losses", [])
     for step in loop:

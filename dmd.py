@@ -106,8 +106,8 @@ class DMDConfig(TeacherConfig):
         check_config(self)  # below the algorithm
 
 
-# What a resumed run must share with its checkpoint: every DMD field but the three above, and the seed.
-RUN_KEYS = DMDConfig.run_keys(TeacherConfig)
+# What a resumed run must share with its checkpoint: every DMD field but the three above, the seed and the clip.
+RUN_KEYS = (*DMDConfig.run_keys(TeacherConfig), "grad_clip")
 # What makes the regression pairs (besides the teacher's weights).
 REGRESSION_KEYS = ("reg_pairs", "reg_steps", "real_guidance", "dmd_label_dropout", "num_classes", "seed")
 
@@ -306,6 +306,8 @@ def train_dmd(config: DMDConfig, resume: bool = False, out: Path | None = None, 
     `run_keys`, the settings a resumed checkpoint must share (DisBack adds its path's)."""
     device = pick_device(config.device)
     out = out or run_dir(config)
+    if (out / "checkpoint.pt").exists() and not resume:  # before any teacher training or regression set
+        raise UserError(f"{out} holds an earlier run; pass --resume to continue it, or --tag for a new run")
     lpips = load_lpips(config, device) if config.reg_weight > 0 and config.reg_loss == "lpips" else None
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
     if real_score_at is None:

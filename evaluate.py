@@ -9,7 +9,7 @@ at the step counts it supports on the shared evaluation noise, and writes
     runs/<preset>/evaluation/          the samples behind every row
 
 It trains nothing: a method without a checkpoint is listed as missing, with the command that
-makes it. Toy rows use `metrics.toy_metrics` on the same noise as the scripts' own metrics.json,
+makes it. Toy rows use `plumbing.metrics.toy_metrics` on the same noise as the scripts' own metrics.json,
 so the numbers are the same. Guided students are the exception: their script measures them
 against the guided teacher, this table against the data, at `--guided-w` (default 0) with
 class-balanced labels. Image rows use the Frechet distance in the feature space of a

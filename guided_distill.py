@@ -51,9 +51,9 @@ from plumbing.config import parse_config, require
 from plumbing.loop import Ladder
 from plumbing.reports import GuidedEvaluator, plot_guided_quality, print_guided_round
 from plumbing.training import LogWriter
-from progressive_distill import (PDConfig, load_student, pd_loss, probe_gap, probe_noise, snr_weight, train_round,
-                                 train_student)
-from train_teacher import TeacherConfig, load_teacher
+from progressive_distill import (ROUND_KEYS, PDConfig, load_student, pd_loss, probe_gap, probe_noise, snr_weight,
+                                 train_round, train_student)
+from train_teacher import load_teacher
 
 SAMPLERS = ("ddim", "stochastic")
 
@@ -87,9 +87,9 @@ class GuidedConfig(PDConfig):
         check_config(self)  # below the algorithm
 
 
-# What a resumed stage one must share with its checkpoint: every PD and guided field but the
-# ladder's end and the sampling options, and the seed.
-STAGE1_KEYS = GuidedConfig.run_keys(TeacherConfig)
+# What a resumed stage one must share with its checkpoint: guided distillation's own fields but the
+# sampling options, the batch, the weighting, the seed and the clip. Its rounds add PD's ROUND_KEYS.
+STAGE1_KEYS = (*GuidedConfig.run_keys(PDConfig), "pd_batch_size", "weighting", "grad_clip")
 REFERENCE_STEPS = 256  # the guided teacher's DDIM that defines "the target distribution" at each w
 
 
@@ -248,7 +248,7 @@ def train_stage_one(teacher: Denoiser, config: GuidedConfig, device, out: Path, 
     student = new_w_student(teacher)
     return train_student(student, teacher, batch_loss, config.stage1_lr, config.stage1_iterations, config.seed,
                          config, device, dict(path=out / "progress.pt", phase="stage one", desc="stage one",
-                                              keys=STAGE1_KEYS, log=log), probe, {"stage": 1})
+                                              keys=STAGE1_KEYS, log=log, shared=True), probe, {"stage": 1})
 
 
 def guided_distillation(config: GuidedConfig, resume: bool = False) -> dict:
@@ -275,7 +275,8 @@ def guided_distillation(config: GuidedConfig, resume: bool = False) -> dict:
     while n_steps >= config.to_steps:  # stage two: PD's rounds with w passed to teacher and student
         student, seconds = ladder.stage(f"student_{n_steps}",
                                         partial(train_round, student, n_steps, config, device, ladder.out, ladder.log,
-                                                stage_two_loss(config), evaluator.probe), load, steps=n_steps)
+                                                stage_two_loss(config), evaluator.probe, (*ROUND_KEYS, *STAGE1_KEYS)),
+                                        load, steps=n_steps)
         if str(n_steps) not in students:
             students[str(n_steps)] = {**evaluator(student, n_steps), "time_s": round(seconds, 1)}
             ladder.metrics["distill_time_s"] = round(ladder.metrics["stage1"]["time_s"] +

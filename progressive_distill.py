@@ -79,8 +79,8 @@ class PDConfig(TeacherConfig):
         check_config(self)  # below the algorithm
 
 
-# What a resumed round must share with its checkpoint: every PD field but to_steps, and the seed.
-ROUND_KEYS = PDConfig.run_keys(TeacherConfig)
+# What a resumed round must share with its checkpoint: every PD field but to_steps, the seed and the clip.
+ROUND_KEYS = (*PDConfig.run_keys(TeacherConfig), "grad_clip")
 
 
 # ----------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def train_student(student: Denoiser, teacher: Denoiser, batch_loss, lr: float, i
 
 
 def train_round(teacher: Denoiser, n_steps: int, config: PDConfig, device, out: Path, log: LogWriter,
-                batch_loss=None, probe_sampler=None) -> Denoiser:
+                batch_loss=None, probe_sampler=None, keys=ROUND_KEYS) -> Denoiser:
     """Alg. 2's inner loop: a student whose N = n_steps DDIM steps match the teacher's 2N.
 
     `batch_loss(student, teacher, x, labels, n_steps) -> (per-example loss, t)` and
@@ -221,7 +221,7 @@ def train_round(teacher: Denoiser, n_steps: int, config: PDConfig, device, out: 
     return train_student(student, teacher, lambda s, t, x, c: batch_loss(s, t, x, c, n_steps), config.pd_lr,
                          config.round_iterations, config.seed + n_steps, config, device,
                          dict(path=out / "progress.pt", phase=f"round {n_steps}", desc=f"PD {2 * n_steps}->{n_steps}",
-                              keys=ROUND_KEYS, log=log), probe, {"student_steps": n_steps})
+                              keys=keys, log=log, shared=True), probe, {"student_steps": n_steps})
 
 
 def progressive_distillation(config: PDConfig, resume: bool = False) -> dict:

@@ -93,7 +93,7 @@ def train_teacher(config: TeacherConfig, resume: bool = False) -> Path:
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     stream = BatchStream(config, device, config.seed)
     keys = (*NetworkConfig.network_keys(), *TeacherConfig.run_keys(RunConfig))  # what a resumed run must share
-    log = LogWriter(teacher_dir(config) / "log.jsonl", resume=resume and path.exists())
+    log = LogWriter(teacher_dir(config) / "log.jsonl", resume=path.exists())  # Loop refuses a rerun, restores a resume
     loop = Loop(path, config, "teacher", config.iterations, {"model": model, "ema": ema, "opt": opt, "stream": stream},
                 "teacher", keys=keys, log=log, resume=resume, checkpoint_at_end=True, kind="teacher")
     prepare_network(model, config, device)
@@ -135,8 +135,8 @@ def evaluate_teacher(config: dict, device: torch.device) -> dict:
     results = evaluate_sampler(sample, config, out, config.eval_steps, device, title="teacher DDIM ")
     state = load_checkpoint(config.teacher, "teacher checkpoint")
     metrics = {"preset": config.preset, "sampler": "ddim", "unconditional": config.net == "mlp",
-               "train_time_s": round(state["seconds"], 1), "iterations": state["step"],
-               "device": str(device),
+               "train_time_s": round(state.get("seconds", state.get("train_time", 0.0)), 1),  # (older files)
+               "iterations": state["step"], "device": str(device),
                "ddim": {str(k): {**v, "sample_time_s": round(timings[k], 3)} for k, v in results.items()}}
     if config.data == "gaussians8":  # the same DDIM with the exact denoiser: the best any teacher can do
         exact = toy_dataset("gaussians8").denoiser

@@ -63,6 +63,8 @@ class Config:
     @classmethod
     def from_preset(cls, name: str, **overrides):
         """The preset's values of every class in the hierarchy, then `overrides`."""
+        if name not in PRESET_NAMES[1:]:
+            raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES[1:])}")
         values = {"preset": name}
         for klass in reversed(cls.__mro__):
             values.update(klass.__dict__.get("PRESETS", {}).get(name, {}))
@@ -174,8 +176,9 @@ class RunConfig(NetworkConfig):
     }
 
     def __post_init__(self):
-        self.out_dir = self.out_dir or str(Path("runs") / self.preset)
-        self.teacher = self.teacher or str(Path(self.out_dir) / "teacher.pt")
+        self.out_dir = str(self.out_dir or Path("runs") / self.preset)
+        self.teacher = str(self.teacher or Path(self.out_dir) / "teacher.pt")
+        self.data_dir = None if self.data_dir is None else str(self.data_dir)
         super().__post_init__()
 
     def check(self) -> None:

@@ -34,9 +34,9 @@ from plumbing.training import (LogWriter, UserError, check_compatible, load_chec
 class Loop:
     def __init__(self, path, config: dict, phase: str, total: int, state: dict, desc: str, keys=(),
                  log: LogWriter | None = None, checkpoint_at_end: bool = False, ckpt_every: int | None = None,
-                 resume: bool = True, kind: str = "progress"):
+                 resume: bool = True, kind: str = "progress", shared: bool = False):
         self.path, self.config, self.phase, self.total = Path(path), config, phase, total
-        self.state, self.desc, self.keys, self.kind = state, desc, keys, kind
+        self.state, self.desc, self.keys, self.kind, self.shared = state, desc, keys, kind, shared
         if self.path.exists() and not resume:
             raise UserError(f"{self.path.parent} holds an earlier run; pass --resume to continue it, "
                             "or --out-dir (or --tag) for a new run")
@@ -53,8 +53,11 @@ class Loop:
         if not self.path.exists():
             return False
         saved = load_checkpoint(self.path, f"{self.desc} checkpoint")
-        if saved.get("phase") != self.phase:  # another phase's progress (an earlier round): start afresh
-            return False
+        if saved.get("phase") != self.phase:
+            if self.shared:  # a progress file the stages share holds an earlier stage's progress: start afresh
+                return False
+            raise UserError(f"{self.path} is not a {self.desc} checkpoint of this version (it holds "
+                            f"{saved.get('kind')!r}, {saved.get('phase')!r}); move it away or pass another --out-dir")
         check_compatible(saved["config"], self.config, self.keys, f"{self.desc} checkpoint", self.path)
         for name, obj in self.state.items():
             obj.load_state_dict(saved[name])
@@ -141,7 +144,7 @@ class Ladder:
         if path.exists():
             state = load_checkpoint(path, f"{name} checkpoint")
             self.logged = state["log"]
-            return load(path), state["seconds"]
+            return load(path), state.get("seconds", state.get("round_time_s", 0.0))  # (older files)
         self.log.restore(self.logged)  # drop an interrupted stage's lines (its Loop restores its checkpoint's)
         start = time.perf_counter()
         model = train()

@@ -195,7 +195,7 @@ def test_regression_pairs_follow_the_real_score_and_the_teacher(tmp_path, toy_te
 
 
 @pytest.mark.parametrize("change", [{"real_guidance": 1.0}, {"dmd_label_dropout": 0.5}, {"reg_steps": 4},
-                                    "teacher"])
+                                    {"grad_clip": 0.5}, "teacher"])
 def test_dmd_resume_refuses_a_changed_real_score(tmp_path, toy_teacher, change):
     config = dmd_config(tmp_path, toy_teacher, dmd_label_dropout=0.9, dmd_iterations=1)
     dmd.train_dmd(config)
@@ -210,6 +210,33 @@ def test_dmd_resume_refuses_a_changed_real_score(tmp_path, toy_teacher, change):
             dmd.train_dmd(more.replace(**change), resume=True)
     if change == {"reg_steps": 4}:  # the unchanged run continues
         assert dmd.train_dmd(more, resume=True)["final"]["step"] == 2
+
+
+def test_reruns_are_refused_before_any_work_and_checkpoints_are_not_mistaken(tmp_path, toy_teacher, monkeypatch):
+    config = dmd_config(tmp_path, toy_teacher)
+    dmd.train_dmd(config)
+    teacher_log = (tmp_path / "teacher" / "log.jsonl").read_text()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the regression set was built before the rerun was refused")
+
+    monkeypatch.setattr(dmd, "regression_pairs", must_not_run)
+    with pytest.raises(UserError, match="pass --resume"):
+        dmd.train_dmd(config)
+    monkeypatch.undo()
+    from train_teacher import train_teacher
+
+    teacher_config = TeacherConfig.from_preset("toy", out_dir=str(tmp_path), device="cpu", iterations=1500)
+    with pytest.raises(UserError, match="pass --resume"):  # a finished teacher, rerun without --resume
+        train_teacher(teacher_config)
+    assert (tmp_path / "teacher" / "log.jsonl").read_text() == teacher_log  # its log is kept
+    dmd_checkpoint = dmd.run_dir(config) / "checkpoint.pt"
+    before = dmd_checkpoint.read_bytes()
+    with pytest.raises(UserError, match="is not a teacher checkpoint"):  # a DMD run is not a teacher to resume
+        train_teacher(teacher_config.replace(teacher=str(dmd_checkpoint), iterations=3000), resume=True)
+    assert dmd_checkpoint.read_bytes() == before
+    with pytest.raises(UserError, match="unknown preset 'cifar'"):
+        TeacherConfig.from_preset("cifar")
 
 
 def test_disback_path_is_tied_to_its_teacher(tmp_path, toy_teacher):
