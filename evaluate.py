@@ -36,7 +36,7 @@ from common import (Denoiser, UserError, check_compatible, ddim_sample, frozen_d
                     run_cli, save_image_grid)
 from plumbing.config import NetworkConfig, parse_config
 from plumbing.metrics import evaluate_sampler
-from plumbing.training import samples_per_second, seeded_rng
+from plumbing.training import prepare_network, samples_per_second, seeded_rng
 from train_teacher import TeacherConfig, load_teacher
 
 
@@ -104,6 +104,12 @@ def generator_sampler(model):
     return lambda z, c, n: generate(model, z, c, n)
 
 
+def prepared(model, config: EvalConfig, device):
+    """Students measured as the teacher is (channels_last on CUDA), so that speed ratios are fair."""
+    prepare_network(model, config, device, compile=False)
+    return model
+
+
 def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row], list[str]]:
     """Every sampler there is, and the methods that have no checkpoint yet."""
     out = Path(config.out_dir)
@@ -120,7 +126,7 @@ def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row],
                     check_compatible(state["config"], config, NETWORK_KEYS, f"{method} student", path)
                     n, trained = state["steps"], state["config"]
                     if method == "PD":
-                        model = frozen_denoiser(config, state["model"], device)
+                        model = prepared(frozen_denoiser(config, state["model"], device), config, device)
                         found.append(Row("PD", n, n, ddim_sampler(model), str(path)))
                         continue
                     w = config.guided_w
@@ -128,7 +134,7 @@ def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row],
                         missing.append(f"{folder.name}: trained for w in [{trained['w_min']:g}, {trained['w_max']:g}]"
                                        f", not --guided-w {w:g}")
                         break
-                    model = frozen_denoiser(config, state["model"], device, w_embedding=True)
+                    model = prepared(frozen_denoiser(config, state["model"], device, w_embedding=True), config, device)
                     fn = guided_sampler(model, w, config)
                     single = "" if trained.get("single_w") is None else ", single-w"
                     found.append(Row(f"guided (w = {w:g}{single})", n, n, fn, str(path)))
@@ -140,7 +146,8 @@ def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row],
                 state = load_checkpoint(path, f"{method} checkpoint")
                 check_compatible(state["config"], config, NETWORK_KEYS, f"{method} checkpoint", path)
                 ema = state.get("ema")
-                model = frozen_denoiser(config, ema["model"] if ema else state["generator"], device)
+                model = prepared(frozen_denoiser(config, ema["model"] if ema else state["generator"], device), config,
+                                 device)
                 k, tag = state["config"]["steps"], state["config"].get("tag")
                 fn = generator_sampler(model)
                 name = f"{method}{f' ({tag})' if tag else ''}"

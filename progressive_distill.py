@@ -49,7 +49,7 @@ from plumbing.config import NetworkConfig, parse_config, require
 from plumbing.data import BatchStream
 from plumbing.loop import Ladder, Loop
 from plumbing.reports import evaluate_pd_student, plot_pd_quality, print_pd_round
-from plumbing.training import LogWriter, autocast, optimizer_step
+from plumbing.training import LogWriter, autocast, optimizer_step, prepare_network
 from train_teacher import TeacherConfig, load_teacher, teacher_dir
 
 WEIGHTINGS = ("truncated-snr", "snr+1")
@@ -155,7 +155,9 @@ def load_student(path, config: PDConfig, device, w_embedding: bool = False) -> D
     """A saved student, frozen; `w_embedding` for guided distillation's w-conditioned students."""
     state = load_checkpoint(path, "student checkpoint")
     check_compatible(state["config"], config, NetworkConfig.network_keys(), "student checkpoint", path)
-    return frozen_denoiser(config, state["model"], device, w_embedding)
+    student = frozen_denoiser(config, state["model"], device, w_embedding)
+    prepare_network(student, config, device, compile=False)  # as the trained one was (channels_last on CUDA)
+    return student
 
 
 def probe_noise(config: PDConfig, device) -> torch.Tensor:

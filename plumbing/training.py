@@ -298,6 +298,7 @@ def prepare_network(model: nn.Module, config: dict, device: torch.device, compil
     """channels_last for UNets on CUDA, and torch.compile of the network's forward when asked
     (compiling `forward` in place keeps the state_dict's keys, so checkpoints stay portable).
     Pass compile=False for a model that will be deep-copied (a teacher that seeds students)."""
+    device = torch.device(device)
     if device.type == "cuda" and config["net"] == "unet":
         model.to(memory_format=torch.channels_last)
     if compile and config.get("compile"):
