@@ -146,9 +146,11 @@ class Ladder:
             self.logged = state["log"]
             return load(path), state.get("seconds", state.get("round_time_s", 0.0))  # (older files)
         self.log.restore(self.logged)  # drop an interrupted stage's lines (its Loop restores its checkpoint's)
+        progress = self.out / "progress.pt"  # an interrupted stage's time before the interruption counts too
+        earlier = load_checkpoint(progress, f"{name} progress").get("seconds", 0.0) if progress.exists() else 0.0
         start = time.perf_counter()
         model = train()
-        seconds, self.logged = time.perf_counter() - start, self.log.records()
+        seconds, self.logged = earlier + time.perf_counter() - start, self.log.records()
         save_checkpoint(path, {"kind": name, "config": self.config, **saved, "model": model.state_dict(),
                                "seconds": seconds, "log": self.logged})
         (self.out / "progress.pt").unlink(missing_ok=True)
