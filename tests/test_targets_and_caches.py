@@ -287,3 +287,19 @@ def test_every_checkpoint_of_a_run_loads_weights_only(tmp_path, toy_teacher):
     for p in paths:
         state = torch.load(p, weights_only=True)
         assert isinstance(state, dict), p
+
+
+def test_the_teachers_speed_is_measured_once_per_teacher(tmp_path, toy_teacher, monkeypatch):
+    from plumbing import reports
+
+    config = dmd_config(tmp_path, toy_teacher)
+    teacher = load_teacher(config, CPU, train_if_missing=False)
+    z, labels = torch.randn(64, 2), torch.full((64,), 8)
+    first = reports.teacher_speed(teacher, config, CPU, z, labels, 16)
+    calls = []
+    monkeypatch.setattr(reports, "ddim_sample", lambda *args: calls.append(args))
+    assert reports.teacher_speed(teacher, config, CPU, z, labels, 16) == first and not calls  # from the cache
+    teacher.fingerprint = "another teacher"
+    reports.teacher_speed(teacher, config, CPU, z, labels, 16)
+    assert calls  # measured again for another teacher
+
