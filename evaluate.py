@@ -34,7 +34,7 @@ import torch
 
 from common import (Denoiser, UserError, check_compatible, ddim_sample, frozen_denoiser, load_checkpoint, pick_device,
                     run_cli, save_image_grid)
-from plumbing.config import NetworkConfig, parse_config
+from plumbing.config import NetworkConfig, parse_config, require
 from plumbing.metrics import evaluate_sampler
 from plumbing.training import prepare_network, samples_per_second, seeded_rng
 from train_teacher import TeacherConfig, load_teacher
@@ -59,8 +59,8 @@ class EvalConfig(TeacherConfig):
 
     def check(self) -> None:
         super().check()
-        if self.num_samples < 2 or self.speed_batch < 1:
-            raise UserError("--num-samples must be at least 2 and --speed-batch at least 1")
+        require(self.num_samples >= 2 and self.speed_batch >= 1,
+                "--num-samples must be at least 2 and --speed-batch at least 1")
 
 
 NETWORK_KEYS = NetworkConfig.network_keys()  # what every student must share with the teacher

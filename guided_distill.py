@@ -228,8 +228,10 @@ def labels_for(n: int, config: GuidedConfig, device) -> torch.Tensor:
     return (torch.arange(n) % config.num_classes).to(device)
 
 
-def train_stage_one(teacher: Denoiser, config: GuidedConfig, device, out: Path, log: LogWriter) -> Denoiser:
-    """Stage one: the w-conditioned student x_hat_eta1 learns the guided teacher, w ~ U[w_min, w_max]."""
+def train_stage_one(teacher: Denoiser, config: GuidedConfig, device, out: Path, log: LogWriter,
+                    probe_sampler) -> Denoiser:
+    """Stage one: the w-conditioned student x_hat_eta1 learns the guided teacher, w ~ U[w_min, w_max].
+    `probe_sampler(model, z, steps)` samples at w_max, as in stage two's diagnostic."""
 
     def batch_loss(student, teacher, x, labels):
         w = sample_w(x.shape[0], config, device)  # w ~ U[w_min, w_max], one per example
@@ -237,12 +239,11 @@ def train_stage_one(teacher: Denoiser, config: GuidedConfig, device, out: Path, 
 
     # Diagnostic on shared noise: the student's 16-step DDIM against the guided teacher's, at w_max.
     z_probe = probe_noise(config, device)
-    c_probe, w_probe = labels_for(z_probe.shape[0], config, device), config.w_max
-    x_teacher = ddim_sample(guided(teacher, w_probe, teacher.null_label), z_probe, 16, c_probe)
+    c_probe = labels_for(z_probe.shape[0], config, device)
+    x_teacher = ddim_sample(guided(teacher, config.w_max, teacher.null_label), z_probe, 16, c_probe)
 
     def probe(student):
-        sampler = lambda model, z, steps: ddim_sample(at_w(model, w_probe), z, steps, c_probe)  # noqa: E731
-        return {"student_vs_guided_teacher_mse": probe_gap(student, sampler, z_probe, 16, x_teacher)}
+        return {"student_vs_guided_teacher_mse": probe_gap(student, probe_sampler, z_probe, 16, x_teacher)}
 
     seed_everything(config.seed)
     student = new_w_student(teacher)
@@ -264,8 +265,8 @@ def guided_distillation(config: GuidedConfig, resume: bool = False) -> dict:
     def load(path):
         return load_student(path, config, device, w_embedding=True)
 
-    student, seconds = ladder.stage("stage1", partial(train_stage_one, teacher, config, device, ladder.out, ladder.log),
-                                    load, steps=config.start_steps)
+    stage_one = partial(train_stage_one, teacher, config, device, ladder.out, ladder.log, evaluator.probe)
+    student, seconds = ladder.stage("stage1", stage_one, load, steps=config.start_steps)
     if "stage1" not in ladder.metrics:
         ladder.metrics["stage1"] = {**evaluator(student, config.start_steps, samplers=("ddim",), folder="stage1"),
                                     "time_s": round(seconds, 1)}

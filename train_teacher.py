@@ -39,7 +39,7 @@ import torch
 from common import (EMA, Denoiser, UserError, check_compatible, ddim_sample, diffusion_loss, drop_labels, fingerprint,
                     frozen_denoiser, load_checkpoint, loss_by_t_bucket, pick_device, run_cli, seed_everything,
                     write_json)
-from plumbing.config import NetworkConfig, RunConfig, parse_config
+from plumbing.config import NetworkConfig, RunConfig, parse_config, require
 from plumbing.data import BatchStream, toy_dataset
 from plumbing.loop import Loop
 from plumbing.metrics import evaluate_sampler
@@ -72,10 +72,8 @@ class TeacherConfig(RunConfig):
     def check(self) -> None:
         super().check()
         for name in ("batch_size", "iterations"):
-            if self[name] < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {self[name]}")
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise UserError(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
+            require(self[name] >= 1, f"--{name.replace('_', '-')} must be at least 1, got {self[name]}")
+        require(0.0 <= self.label_dropout < 1.0, f"--label-dropout must be in [0, 1), got {self.label_dropout}")
 
 
 def teacher_dir(config: dict) -> Path:

@@ -144,11 +144,9 @@ class NetworkConfig(Config):
 
     def check(self) -> None:
         super().check()
-        if self.data not in DATA_INFO:
-            raise UserError(f"unknown data set {self.data!r}; choose one of {', '.join(DATA_INFO)}")
-        if (self.data in ("gaussians8", "moons")) != (self.net == "mlp"):
-            raise UserError(f"--net {self.net} does not fit --data {self.data}: toy data uses --net mlp, "
-                            "images --net unet")
+        require(self.data in DATA_INFO, f"unknown data set {self.data!r}; choose one of {', '.join(DATA_INFO)}")
+        require((self.data in ("gaussians8", "moons")) == (self.net == "mlp"),
+                f"--net {self.net} does not fit --data {self.data}: toy data uses --net mlp, images --net unet")
 
 
 @dataclass
@@ -184,10 +182,8 @@ class RunConfig(NetworkConfig):
     def check(self) -> None:
         super().check()
         for name in ("eval_samples", "log_every", "ckpt_every", "sample_every"):
-            if self[name] < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {self[name]}")
-        if any(s < 1 for s in self.eval_steps):
-            raise UserError("--eval-steps must all be at least 1")
+            require(self[name] >= 1, f"--{name.replace('_', '-')} must be at least 1, got {self[name]}")
+        require(all(s >= 1 for s in self.eval_steps), "--eval-steps must all be at least 1")
 
 
 # ----------------------------------------------------------------------------------------

@@ -69,12 +69,13 @@ class Loop:
             print(f"resuming {self.desc} at update {self.step}")
         return True
 
-    def checkpoint(self, **more) -> None:
-        """Save everything the loop resumes from (and `more`, e.g. the teacher's fingerprint)."""
+    def checkpoint(self) -> None:
+        """Save everything the loop resumes from, and the caller's fixed entries `more` (e.g. the teacher's
+        fingerprint)."""
         save_checkpoint(self.path, {"kind": self.kind, "phase": self.phase, "config": self.config,
                                     "step": self.step, "seconds": self.seconds, "extra": self.extra,
                                     **{name: obj.state_dict() for name, obj in self.state.items()},
-                                    "rng": rng_state(), "log": self.log_writer.records(), **self.more, **more})
+                                    "rng": rng_state(), "log": self.log_writer.records(), **self.more})
 
     # -- the loop ------------------------------------------------------------------------
 

@@ -126,27 +126,27 @@ def fake_score_loss_not_detached(fake_score, x, labels):
     return common.diffusion_loss(fake_score, x, labels)
 
 
-def generate_same_noise(generator, z, labels, steps, first=None):  # re-noises with the initial z every time
-    times = dmd.generator_times(steps)
-    z_t = z
-    for k, t in enumerate(times):
-        if first is not None and k == first:
-            return z_t, t
-        x = generator(z_t, torch.full((z.shape[0],), t), labels)
-        if k + 1 < len(times):
-            z_t = common.diffuse(x, times[k + 1], z)
-    return x
+def generator_renoising_with(renoise, name: str):
+    """A K-step generator like dmd.generate whose re-noising to the next time is `renoise(x, t, z)`."""
+
+    def generate(generator, z, labels, steps, first=None):
+        times = dmd.generator_times(steps)
+        z_t = z
+        for k, t in enumerate(times):
+            if first is not None and k == first:
+                return z_t, t
+            x = generator(z_t, torch.full((z.shape[0],), t), labels)
+            if k + 1 < len(times):
+                z_t = renoise(x, times[k + 1], z)
+        return x
+
+    generate.__name__ = name
+    return generate
 
 
-def generate_no_renoise(generator, z, labels, steps, first=None):  # passes the prediction on as it is
-    times = dmd.generator_times(steps)
-    z_t = z
-    for k, t in enumerate(times):
-        if first is not None and k == first:
-            return z_t, t
-        x = generator(z_t, torch.full((z.shape[0],), t), labels)
-        z_t = x
-    return x
+# re-noises with the initial z every time; passes the prediction on as it is
+generate_same_noise = generator_renoising_with(lambda x, t, z: common.diffuse(x, t, z), "generate_same_noise")
+generate_no_renoise = generator_renoising_with(lambda x, t, z: x, "generate_no_renoise")
 
 
 def snapshot_index_off_by_one(step, n_snapshots, interval):  # starts at s'_N, the fake score's start
