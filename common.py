@@ -45,9 +45,7 @@ from plumbing.training import (EMA, UserError, check_compatible, check_same_teac
 LOGSNR_CLIP = 20.0
 
 
-# ----------------------------------------------------------------------------------------
-# Schedule and parameterisations (docs/methods.md section 0). Schedule math stays in fp32.
-# ----------------------------------------------------------------------------------------
+# ==== Schedule and parameterisations (docs/methods.md section 0). Schedule math stays in fp32. ========================
 
 
 def _as_time(t, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,9 +132,7 @@ def v_from_x(z_t: torch.Tensor, x_hat: torch.Tensor, t) -> torch.Tensor:
     return (alpha_t * z_t - x_hat) / sigma_t
 
 
-# ----------------------------------------------------------------------------------------
-# DDIM, its inversion, guidance
-# ----------------------------------------------------------------------------------------
+# ==== DDIM, its inversion, guidance ===================================================================================
 
 
 def ddim_step(x_hat: torch.Tensor, z_t: torch.Tensor, t, s) -> torch.Tensor:
@@ -269,9 +265,7 @@ def ddim_sample(denoiser, z: torch.Tensor, steps: int, labels: torch.Tensor,
     return (z, trajectory) if return_trajectory else z
 
 
-# ----------------------------------------------------------------------------------------
-# Alg. 1 (PD paper): the standard diffusion loss
-# ----------------------------------------------------------------------------------------
+# ==== Alg. 1 (PD paper): the standard diffusion loss ==================================================================
 
 
 def drop_labels(labels: torch.Tensor, p: float, null_label: int) -> torch.Tensor:

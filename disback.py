@@ -81,9 +81,7 @@ def disback_dir(config: DisBackConfig) -> Path:
     return Path(config.out_dir) / (f"disback_{config.steps}step" + (f"_{config.tag}" if config.tag else ""))
 
 
-# ----------------------------------------------------------------------------------------
-# Stage 1: recording the degradation path s'_0 = teacher -> s'_N (fits G_0)
-# ----------------------------------------------------------------------------------------
+# ==== Stage 1: recording the degradation path s'_0 = teacher -> s'_N (fits G_0) =======================================
 
 
 def record_degradation(teacher, config: DisBackConfig, device, folder: Path) -> list[Path]:
@@ -126,9 +124,7 @@ def record_degradation(teacher, config: DisBackConfig, device, folder: Path) -> 
     return paths
 
 
-# ----------------------------------------------------------------------------------------
-# Stage 2: the real score walks back along the path
-# ----------------------------------------------------------------------------------------
+# ==== Stage 2: the real score walks back along the path ===============================================================
 
 
 def snapshot_index(step: int, n_snapshots: int, interval: int) -> int:
@@ -178,9 +174,7 @@ def train_disback(config: DisBackConfig, resume: bool = False) -> dict:
     return metrics
 
 
-# ----------------------------------------------------------------------------------------
-# Checks and the command line
-# ----------------------------------------------------------------------------------------
+# ==== Checks and the command line =====================================================================================
 
 
 def check_config(config: DisBackConfig) -> None:

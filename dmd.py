@@ -55,13 +55,13 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from common import (EMA, UserError, check_same_teacher, ddim_sample, diffuse, diffusion_loss, guided, load_checkpoint,
-                    no_grad_fp32, pick_device, run_cli, save_checkpoint, seed_everything, trainable_copy)
+from common import (EMA, UserError, check_same_teacher, ddim_sample, diffuse, diffusion_loss, guided, no_grad_fp32,
+                    pick_device, run_cli, seed_everything, trainable_copy)
 from plumbing.config import parse_config, require
 from plumbing.image_metrics import load_lpips
 from plumbing.loop import Loop
 from plumbing.reports import DMDMonitor, dmd_report, print_dmd_summary
-from plumbing.training import autocast, optimizer_step, progress
+from plumbing.training import autocast, cached, optimizer_step, progress
 from train_teacher import TeacherConfig, load_teacher, teacher_dir
 
 REG_LOSSES = ("mse", "pseudo-huber", "lpips")
@@ -106,15 +106,7 @@ class DMDConfig(TeacherConfig):
         check_config(self)  # below the algorithm
 
 
-# What a resumed run must share with its checkpoint: every DMD field but the three above, the seed and the clip.
-RUN_KEYS = (*DMDConfig.run_keys(TeacherConfig), "grad_clip")
-# What makes the regression pairs (besides the teacher's weights).
-REGRESSION_KEYS = ("reg_pairs", "reg_steps", "real_guidance", "dmd_label_dropout", "num_classes", "seed")
-
-
-# ----------------------------------------------------------------------------------------
-# The losses (pure functions)
-# ----------------------------------------------------------------------------------------
+# ==== The losses (pure functions) =====================================================================================
 
 
 def dmd_generator_loss(x: torch.Tensor, real_score, fake_score, labels: torch.Tensor,
@@ -163,9 +155,7 @@ def regression_loss(x: torch.Tensor, y: torch.Tensor, kind: str, lpips=None) -> 
     raise UserError(f"unknown --reg-loss {kind!r}; choose one of {', '.join(REG_LOSSES)}")
 
 
-# ----------------------------------------------------------------------------------------
-# The generator: K fixed times, fresh noise between steps
-# ----------------------------------------------------------------------------------------
+# ==== The generator: K fixed times, fresh noise between steps =========================================================
 
 
 def generator_times(steps: int) -> list[float]:
@@ -208,9 +198,7 @@ def generator_samples(generator, z: torch.Tensor, labels: torch.Tensor, steps: i
     return generator(z_k, t_k, labels)
 
 
-# ----------------------------------------------------------------------------------------
-# The regression set: (z, labels, y) with y the teacher's deterministic sample from z
-# ----------------------------------------------------------------------------------------
+# ==== The regression set: (z, labels, y) with y the teacher's deterministic sample from z =============================
 
 
 def sample_labels(n: int, config: DMDConfig, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -220,30 +208,29 @@ def sample_labels(n: int, config: DMDConfig, generator: torch.Generator | None =
     return torch.where(drop, torch.full_like(labels, config.num_classes), labels)
 
 
+# What makes the regression pairs (besides the teacher's weights).
+REGRESSION_KEYS = ("reg_pairs", "reg_steps", "real_guidance", "dmd_label_dropout", "num_classes", "seed")
+
+
 def regression_pairs(teacher, config: DMDConfig, device) -> dict:
-    """Generated once with a progress bar and cached beside the teacher, keyed on everything that
-    makes the pairs: the teacher's weights, the real score's guidance, the labels, the sampler, the seed."""
-    key = {"teacher": teacher.fingerprint, **{k: config[k] for k in REGRESSION_KEYS}}
+    """{z, labels, y}: y_ref = the real score's `reg_steps`-step DDIM from z_ref, in fp32. Made once with a
+    progress bar and cached beside the teacher, keyed on its weights and on REGRESSION_KEYS."""
+
+    def make():
+        g = torch.Generator().manual_seed(config.seed + 777)
+        n, batch = config.reg_pairs, 1024 if config.net == "mlp" else 256
+        shape = (2,) if config.net == "mlp" else (config.in_ch, 32, 32)
+        z, labels, ys = torch.randn(n, *shape, generator=g), sample_labels(n, config, g), []
+        for i in progress(range(0, n, batch), f"regression set ({config.reg_steps}-step teacher DDIM)"):
+            with no_grad_fp32():  # targets in fp32
+                ys.append(ddim_sample(real_score_of(teacher, config), z[i:i + batch].to(device), config.reg_steps,
+                                      labels[i:i + batch].to(device)).cpu())
+        return {"z": z, "labels": labels, "y": torch.cat(ys)}
+
     name = (f"regression_{config.reg_pairs}x{config.reg_steps}_null{config.dmd_label_dropout:g}"
             f"_w{config.real_guidance:g}.pt")
-    path = teacher_dir(config) / name
-    if path.exists():
-        pairs = load_checkpoint(path, "regression set")
-        if pairs.get("key") == key:
-            return pairs  # made by this very teacher with these settings; otherwise made anew below
-    g = torch.Generator().manual_seed(config.seed + 777)
-    n = config.reg_pairs
-    shape = (2,) if config.net == "mlp" else (config.in_ch, 32, 32)
-    z, labels = torch.randn(n, *shape, generator=g), sample_labels(n, config, g)
-    ys, batch = [], 1024 if config.net == "mlp" else 256
-    real = real_score_of(teacher, config)
-    for i in progress(range(0, n, batch), f"regression set ({config.reg_steps}-step teacher DDIM)"):
-        zb, cb = z[i:i + batch].to(device), labels[i:i + batch].to(device)
-        with no_grad_fp32():  # targets in fp32
-            ys.append(ddim_sample(real, zb, config.reg_steps, cb).cpu())
-    pairs = {"z": z, "labels": labels, "y": torch.cat(ys), "key": key}
-    save_checkpoint(path, pairs)
-    return pairs
+    key = {"teacher": teacher.fingerprint, **{k: config[k] for k in REGRESSION_KEYS}}
+    return cached(teacher_dir(config) / name, key, make, "regression set")
 
 
 def real_score_of(teacher, config: DMDConfig):
@@ -252,9 +239,7 @@ def real_score_of(teacher, config: DMDConfig):
     return guided(teacher, w, teacher.null_label) if w > 0 else teacher
 
 
-# ----------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------
+# ==== Training ========================================================================================================
 
 
 def run_dir(config: DMDConfig) -> Path:
@@ -296,6 +281,10 @@ def generator_update(generator, opt, real_score, fake_score, z, labels, pairs: d
         loss = losses["loss_dm"] + config.reg_weight * losses.get("loss_reg", 0.0)
     losses["grad_norm"] = optimizer_step(opt, loss, generator, config.grad_clip)
     return losses
+
+
+# What a resumed run must share with its checkpoint: every DMD field but RESUMABLE's, the seed and the clip.
+RUN_KEYS = (*DMDConfig.run_keys(TeacherConfig), "grad_clip")
 
 
 def train_dmd(config: DMDConfig, resume: bool = False, out: Path | None = None, real_score_at=None,
@@ -354,9 +343,7 @@ def train_dmd(config: DMDConfig, resume: bool = False, out: Path | None = None, 
     return dmd_report(config, out, monitor.history, loop.seconds, sampler, device)
 
 
-# ----------------------------------------------------------------------------------------
-# Checks and the command line
-# ----------------------------------------------------------------------------------------
+# ==== Checks and the command line =====================================================================================
 
 
 def check_config(config: DMDConfig) -> None:

@@ -45,15 +45,14 @@ from typing import ClassVar
 import torch
 
 from common import (Denoiser, UserError, alpha_sigma, ddim_sample, ddim_step, diffuse, drop_labels, guided,
-                    load_checkpoint, no_grad_fp32, pick_device, run_cli, save_image_grid, save_scatter,
-                    seed_everything, trainable_copy)
+                    no_grad_fp32, pick_device, run_cli, save_image_grid, save_scatter, seed_everything, trainable_copy)
 from plumbing.config import parse_config, require
 from plumbing.loop import Ladder
 from plumbing.reports import GuidedEvaluator, plot_guided_quality, print_guided_round
 from plumbing.training import LogWriter
 from progressive_distill import (ROUND_KEYS, PDConfig, load_student, pd_loss, probe_gap, probe_noise, snr_weight,
                                  train_round, train_student)
-from train_teacher import load_teacher
+from train_teacher import check_guidable, load_teacher
 
 SAMPLERS = ("ddim", "stochastic")
 
@@ -93,9 +92,7 @@ STAGE1_KEYS = (*GuidedConfig.run_keys(PDConfig), "pd_batch_size", "weighting", "
 REFERENCE_STEPS = 256  # the guided teacher's DDIM that defines "the target distribution" at each w
 
 
-# ----------------------------------------------------------------------------------------
-# Stage one: one network call that reproduces the guided teacher's two
-# ----------------------------------------------------------------------------------------
+# ==== Stage one: one network call that reproduces the guided teacher's two ============================================
 
 
 def at_w(model, w):
@@ -150,9 +147,7 @@ def stage_two_loss(config: GuidedConfig):
     return batch_loss
 
 
-# ----------------------------------------------------------------------------------------
-# Sampling: deterministic DDIM and the paper's N-step stochastic sampler
-# ----------------------------------------------------------------------------------------
+# ==== Sampling: deterministic DDIM and the paper's N-step stochastic sampler ==========================================
 
 
 def renoise(z_s: torch.Tensor, s: float, t: float, eps: torch.Tensor) -> torch.Tensor:
@@ -203,19 +198,7 @@ def sample(student, z: torch.Tensor, labels: torch.Tensor, w: float, steps: int,
     raise UserError(f"unknown --sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-# ----------------------------------------------------------------------------------------
-# The run: checks, stage one, stage two, evaluation
-# ----------------------------------------------------------------------------------------
-
-
-def check_teacher_has_null(config: GuidedConfig) -> None:
-    """Guidance needs x_hat(z_t, null): a teacher trained with label dropout."""
-    path = Path(config.teacher)
-    trained = load_checkpoint(path, "teacher checkpoint")["config"] if path.exists() else config
-    if trained["label_dropout"] <= 0:
-        raise UserError(f"the teacher {'at ' + str(path) if path.exists() else 'to be trained'} has no null class "
-                        "(it was trained with --label-dropout 0), so it cannot be guided; train one with "
-                        "`python train_teacher.py --label-dropout 0.1` or pass another --teacher")
+# ==== The run: checks, stage one, stage two, evaluation ===============================================================
 
 
 def run_dir(config: GuidedConfig) -> Path:
@@ -254,7 +237,7 @@ def train_stage_one(teacher: Denoiser, config: GuidedConfig, device, out: Path, 
 
 def guided_distillation(config: GuidedConfig, resume: bool = False) -> dict:
     """Stage one, then stage two's ladder start_steps -> to_steps; every student saved and measured."""
-    check_teacher_has_null(config)
+    check_guidable(config)  # guidance needs a teacher trained with label dropout
     device = pick_device(config.device)
     ladder = Ladder(run_dir(config), config, resume)  # finished stages load, an interrupted one resumes
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
@@ -315,9 +298,7 @@ def sample_command(config: GuidedConfig) -> Path:
     return png
 
 
-# ----------------------------------------------------------------------------------------
-# Checks and the command line
-# ----------------------------------------------------------------------------------------
+# ==== Checks and the command line =====================================================================================
 
 
 def check_config(config: GuidedConfig) -> None:

@@ -83,9 +83,7 @@ class PDConfig(TeacherConfig):
 ROUND_KEYS = (*PDConfig.run_keys(TeacherConfig), "grad_clip")
 
 
-# ----------------------------------------------------------------------------------------
-# Alg. 2: the target and the loss
-# ----------------------------------------------------------------------------------------
+# ==== Alg. 2: the target and the loss =================================================================================
 
 
 @no_grad_fp32()  # the teacher in fp32, also inside a bf16 step: the signal is below bf16's rounding
@@ -137,9 +135,7 @@ def pd_loss(student, teacher, x: torch.Tensor, labels: torch.Tensor, n_steps: in
     return per_example.mean() if reduce else (per_example, t)
 
 
-# ----------------------------------------------------------------------------------------
-# The ladder of rounds
-# ----------------------------------------------------------------------------------------
+# ==== The ladder of rounds ============================================================================================
 
 
 def frozen(model: nn.Module) -> nn.Module:
@@ -251,9 +247,7 @@ def progressive_distillation(config: PDConfig, resume: bool = False) -> dict:
     return ladder.metrics
 
 
-# ----------------------------------------------------------------------------------------
-# Checks and the command line
-# ----------------------------------------------------------------------------------------
+# ==== Checks and the command line =====================================================================================
 
 
 def check_config(config: PDConfig) -> None:

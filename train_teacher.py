@@ -164,6 +164,16 @@ def load_teacher(config: TeacherConfig, device: torch.device, train_if_missing: 
     return teacher
 
 
+def check_guidable(config: TeacherConfig) -> None:
+    """Guidance needs x_hat(z_t, null): a teacher trained with label dropout."""
+    path = Path(config.teacher)
+    trained = load_checkpoint(path, "teacher checkpoint")["config"] if path.exists() else config
+    if trained["label_dropout"] <= 0:
+        raise UserError(f"the teacher {'at ' + str(path) if path.exists() else 'to be trained'} has no null class "
+                        "(it was trained with --label-dropout 0), so it cannot be guided; train one with "
+                        "`python train_teacher.py --label-dropout 0.1` or pass another --teacher")
+
+
 def main(argv=None) -> None:
     config, flags = parse_config(TeacherConfig, __doc__.split("\n\n")[0], argv,
                                  {"resume": "continue the run from its checkpoint"})

@@ -183,6 +183,19 @@ def check_same_teacher(saved: str | None, teacher, what: str, path) -> None:
                         "for a new run")
 
 
+def cached(path, key: dict, make, what: str) -> dict:
+    """The dict saved at `path` if it was made with this very `key` (plain values: settings, a teacher's
+    fingerprint), otherwise `make()`, saved there with its key. A stale file is made anew, never reused."""
+    path = Path(path)
+    if path.exists():
+        saved = load_checkpoint(path, what)
+        if saved.get("key") == key:
+            return saved
+    made = {**make(), "key": key}
+    save_checkpoint(path, made)
+    return made
+
+
 def read_json(path) -> dict:
     """A JSON file written by `write_json`, or {} when there is none."""
     path = Path(path)
