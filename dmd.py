@@ -322,7 +322,8 @@ def train_dmd(config: DMDConfig, resume: bool = False, out: Path | None = None, 
     sampler = ema.model if ema is not None else generator  # what is evaluated
     monitor = DMDMonitor(config, out, sampler, device, loop.extra.setdefault("history", []))
     if not loop.resumed:
-        monitor(0)
+        with loop.off_the_clock():
+            monitor(0)
 
     for step in loop:
         if config.lr_decay:
@@ -340,7 +341,7 @@ def train_dmd(config: DMDConfig, resume: bool = False, out: Path | None = None, 
             with loop.off_the_clock():
                 loop.write(monitor(step + 1, generator, real_score_at(step), fake_score))
     loop.log_writer.plot(out / "loss.png", f"DMD {config.steps}-step: losses")
-    return dmd_report(config, out, monitor.history, loop.seconds, sampler, device)
+    return dmd_report(config, out, monitor.history, loop, sampler, device)
 
 
 # ==== Checks and the command line =====================================================================================

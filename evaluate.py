@@ -33,10 +33,11 @@ from typing import ClassVar
 import torch
 
 from common import (Denoiser, UserError, check_compatible, ddim_sample, frozen_denoiser, load_checkpoint, pick_device,
-                    run_cli, save_image_grid)
+                    run_cli)
 from plumbing.config import NetworkConfig, parse_config, require
+from plumbing.image_metrics import image_quality
 from plumbing.metrics import evaluate_sampler
-from plumbing.training import prepare_network, samples_per_second, seeded_rng
+from plumbing.training import prepare_network, samples_per_second
 from train_teacher import TeacherConfig, load_teacher
 
 
@@ -48,13 +49,10 @@ class EvalConfig(TeacherConfig):
     speed_batch: int = 64             # batch size of the samples/s measurement, the same for every method
     teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 64, 256])  # the teacher's DDIM steps
     guided_w: float = 0.0             # guidance weight of guided students (0: conditional, like the data)
-    classifier_steps: int = 5000      # images: training steps of the offline feature classifier (cached)
-    inception: bool = True            # images: also Inception FID (torchmetrics; needs torch-fidelity and weights)
 
     PRESETS: ClassVar[dict] = {
-        "toy": dict(num_samples=2000, speed_batch=2000, teacher_steps=[1, 2, 4, 8, 16, 64, 256], classifier_steps=0,
-                    inception=False),
-        "fmnist": dict(num_samples=10_000, classifier_steps=3000, inception=False),
+        "toy": dict(num_samples=2000, speed_batch=2000, teacher_steps=[1, 2, 4, 8, 16, 64, 256]),
+        "fmnist": dict(num_samples=10_000),
     }
 
     def check(self) -> None:
@@ -82,9 +80,7 @@ class Row:
     metrics: dict = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------------------
-# Finding the students
-# ----------------------------------------------------------------------------------------
+# ==== Finding the students ============================================================================================
 
 
 def ddim_sampler(model):
@@ -160,48 +156,11 @@ def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row],
     return rows, missing
 
 
-# ----------------------------------------------------------------------------------------
-# Measuring
-# ----------------------------------------------------------------------------------------
+# ==== Measuring =======================================================================================================
 
 
 def slug(row: Row) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in row.method).strip("_") + f"_{row.steps}"
-
-
-class ImageQuality:
-    """Frechet distance in the offline classifier's features (and Inception's, if asked), plus
-    the classifier's accuracy on class-conditional samples."""
-
-    def __init__(self, config: EvalConfig, device):
-        from plumbing.data import load_cifar10, load_fashion_mnist
-        from plumbing.image_metrics import CachedFrechet, load_classifier
-
-        self.classifier, self.info = load_classifier(config, device, config.classifier_steps)
-        loader = {"fmnist": load_fashion_mnist, "cifar10": load_cifar10}[config.data]
-        real = loader(config.get("data_dir"))[0]
-        out = Path(config.out_dir)
-        self.distances = {"fd_classifier": CachedFrechet("classifier", real, out / "reference_classifier.pt", device,
-                                                         self.classifier, made_by={**self.info, "n_real": len(real)})}
-        if config.inception:
-            self.distances["fid_inception"] = CachedFrechet("inception", real, out / "reference_inception.pt", device,
-                                                            made_by={"n_real": len(real)})
-        self.config, self.device = config, device
-
-    def __call__(self, row: Row) -> dict:
-        from plumbing.image_metrics import classifier_accuracy
-
-        n, batch = self.config.num_samples, 250
-        g = torch.Generator().manual_seed(self.config.eval_seed)
-        images, labels = [], torch.arange(n) % self.config.num_classes
-        with seeded_rng(self.config.eval_seed, self.device):  # noise a sampler draws itself (DMD2's multi-step)
-            for i in range(0, n, batch):
-                z = torch.randn(min(batch, n - i), self.config.in_ch, 32, 32, generator=g).to(self.device)
-                images.append(row.sample(z, labels[i:i + batch].to(self.device), row.steps).float().clamp(-1, 1).cpu())
-        images = torch.cat(images)
-        result = {name: metric(images) for name, metric in self.distances.items()}
-        result["accuracy"] = classifier_accuracy(self.classifier, images, labels)
-        return result
 
 
 def evaluate_all(config: EvalConfig) -> dict:
@@ -213,7 +172,11 @@ def evaluate_all(config: EvalConfig) -> dict:
     start = time.perf_counter()
     rows, missing = find_rows(config, teacher, device)
     toy = config.net == "mlp"
-    image_quality = None if toy else ImageQuality(config, device)
+    # Images: the offline classifier's Frechet distance and class accuracy (plumbing/image_metrics.py), on
+    # num_samples class-balanced samples; an Inception FID that was asked for but is unavailable is an error.
+    quality = None if toy else image_quality(config, device, strict=True)
+    measured = {**config, "eval_samples": config.num_samples if toy else 8 * config.num_classes,
+                "fd_samples": config.num_samples, "fd_max_steps": 10**9}
     out = Path(config.out_dir)
     shape = (2,) if toy else (config.in_ch, 32, 32)
     g = torch.Generator().manual_seed(config.eval_seed + 2)
@@ -222,31 +185,24 @@ def evaluate_all(config: EvalConfig) -> dict:
                else torch.arange(len(z_speed)) % config.num_classes).to(device)
     for row in rows:
         folder = out / "evaluation" / slug(row)
-        if toy:
-            row.metrics = evaluate_sampler(row.sample, {**config, "eval_samples": config.num_samples}, folder,
-                                           [row.steps], device, title=f"{row.method} ")[row.steps]
-        else:
-            row.metrics = image_quality(row)
-            save_image_grid(row.sample(z_speed[:80], c_speed[:80], row.steps), folder / "samples.png",
-                            nrow=config.num_classes)
+        row.metrics = evaluate_sampler(row.sample, measured, folder, [row.steps], device,
+                                       title=f"{row.method} ")[row.steps]
         row.metrics["samples_per_s"] = samples_per_second(lambda r=row: r.sample(z_speed, c_speed, r.steps),
                                                           len(z_speed), device, repeats=3)
         print(f"  {row.method:<24} {row.steps:>4} steps  " + "  ".join(
             f"{k} {v:.4g}" for k, v in row.metrics.items() if isinstance(v, float)))
     seconds = time.perf_counter() - start
-    write_results(config, rows, missing, device, seconds, image_quality)
+    write_results(config, rows, missing, device, seconds, quality)
     plot_quality(config, rows, out / "quality_vs_steps.png")
     return {"rows": [{"method": r.method, "steps": r.steps, "calls": r.calls, "source": r.source, **r.metrics}
                      for r in rows], "missing": missing, "seconds": seconds}
 
 
-# ----------------------------------------------------------------------------------------
-# The table and the plot
-# ----------------------------------------------------------------------------------------
+# ==== The table and the plot ==========================================================================================
 
 
 def write_results(config: EvalConfig, rows: list[Row], missing: list[str], device, seconds: float,
-                  image_quality) -> None:
+                  quality) -> None:
     toy = config.net == "mlp"
     ref = next((r for r in rows if r.method == "teacher DDIM" and r.steps == 256), None)
     ref_speed = ref.metrics["samples_per_s"] if ref else None
@@ -258,7 +214,7 @@ def write_results(config: EvalConfig, rows: list[Row], missing: list[str], devic
              ("unconditional (null label); metrics against fresh data of the same size (seed 12345), "
               "with its data-vs-data floor. " if toy else
               "class-balanced labels; Frechet distance in the 128 features of this project's classifier "
-              f"(test accuracy {image_quality.info['test_accuracy']:.1%}; not comparable with Inception FID), and "
+              f"(test accuracy {quality.info['test_accuracy']:.1%}; not comparable with Inception FID), and "
               "its accuracy on the samples' requested classes. ") +
              f"Speed: samples/s on one batch of {config.speed_batch} for every method, after a warm-up, best of 3"
              f"{', synchronised' if device.type == 'cuda' else ''}. Guided students at w = {config.guided_w:g}.",

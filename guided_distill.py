@@ -265,7 +265,7 @@ def guided_distillation(config: GuidedConfig, resume: bool = False) -> dict:
             students[str(n_steps)] = {**evaluator(student, n_steps), "time_s": round(seconds, 1)}
             ladder.metrics["distill_time_s"] = round(ladder.metrics["stage1"]["time_s"] +
                                                      sum(s["time_s"] for s in students.values()), 1)
-            ladder.metrics["teacher"] = evaluator.teacher_rows
+            ladder.metrics.update(teacher=evaluator.teacher_rows, eval_time_s=round(evaluator.watch.seconds, 1))
             ladder.save_metrics()
             print_guided_round(n_steps, students[str(n_steps)])
         n_steps //= 2

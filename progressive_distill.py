@@ -239,8 +239,9 @@ def progressive_distillation(config: PDConfig, resume: bool = False) -> dict:
             result = evaluate_pd_student(teacher, n_steps, config, device, ladder.out)
             students[str(n_steps)] = {**result, "round_time_s": round(seconds, 1)}
             ladder.metrics["distill_time_s"] = round(sum(s["round_time_s"] for s in students.values()), 1)
+            ladder.metrics["eval_time_s"] = round(sum(s.get("eval_time_s", 0) for s in students.values()), 1)
             ladder.save_metrics()
-            print_pd_round(n_steps, result, seconds)
+            print_pd_round(n_steps, result, seconds, ladder.metrics["teacher_ddim"].get("ddim", {}))
         n_steps //= 2
     ladder.log.plot(ladder.out / "loss.png", "progressive distillation: weighted x-MSE by t bucket")
     plot_pd_quality(ladder.metrics, ladder.out / "quality_vs_steps.png")

@@ -42,7 +42,8 @@ from common import (EMA, Denoiser, UserError, check_compatible, ddim_sample, dif
 from plumbing.config import NetworkConfig, RunConfig, parse_config, require
 from plumbing.data import BatchStream, toy_dataset
 from plumbing.loop import Loop
-from plumbing.metrics import evaluate_sampler
+from plumbing.metrics import describe, evaluate_sampler
+from plumbing.image_metrics import image_quality
 from plumbing.networks import build_network
 from plumbing.training import LogWriter, autocast, optimizer_step, prepare_network
 
@@ -108,10 +109,12 @@ def train_teacher(config: TeacherConfig, resume: bool = False) -> Path:
         grad_norm = optimizer_step(opt, loss, model, config.grad_clip)
         ema.update(model)
         loop.log(loss=loss, grad_norm=grad_norm, **loss_by_t_bucket(per_example, t))
-        if loop.due(config.sample_every) and config.net != "mlp":
+        if loop.due(config.sample_every) and config.net != "mlp":  # images: the EMA's 64-step DDIM, measured
             with loop.off_the_clock():
-                evaluate_sampler(lambda z, c, n: ddim_sample(ema.model, z, n, c), config,
-                                 teacher_dir(config) / f"during/{step + 1:07d}", [64], device)
+                result = evaluate_sampler(lambda z, c, n: ddim_sample(ema.model, z, n, c), config,
+                                          teacher_dir(config) / f"during/{step + 1:07d}", [64], device)[64]
+                loop.extra.setdefault("history", []).append({"step": step + 1, **result})
+                loop.write(f"  update {step + 1}: DDIM 64 steps {describe(result)}")
     loop.log_writer.plot(teacher_dir(config) / "loss.png", "teacher: v-MSE by t bucket")
     return path
 
@@ -121,6 +124,8 @@ def evaluate_teacher(config: dict, device: torch.device) -> dict:
     teacher = load_teacher(config, device, train_if_missing=False)
     out = teacher_dir(config)
     timings = {}
+    if config.net != "mlp":  # images: say what the measurement costs before it starts
+        print(evaluation_cost(config))
 
     def sample(z, labels, steps):
         t0 = time.perf_counter()
@@ -130,12 +135,17 @@ def evaluate_teacher(config: dict, device: torch.device) -> dict:
         timings[steps] = time.perf_counter() - t0
         return x
 
+    start = time.perf_counter()
     results = evaluate_sampler(sample, config, out, config.eval_steps, device, title="teacher DDIM ")
     state = load_checkpoint(config.teacher, "teacher checkpoint")
     metrics = {"preset": config.preset, "sampler": "ddim", "unconditional": config.net == "mlp",
                "train_time_s": round(state.get("seconds", state.get("train_time", 0.0)), 1),  # (older files)
+               "eval_time_s": round(state.get("eval_seconds", 0.0) + time.perf_counter() - start, 1),
                "iterations": state["step"], "device": str(device),
-               "ddim": {str(k): {**v, "sample_time_s": round(timings[k], 3)} for k, v in results.items()}}
+               "ddim": {str(k): {**v, "sample_time_s": round(timings[k], 3)} for k, v in results.items()},
+               "history": state.get("extra", {}).get("history", [])}  # images: the 64-step DDIM while training
+    if config.net != "mlp" and config.fd_samples > 0:  # the metric's own quality, to judge it by
+        metrics["classifier"] = image_quality(config, device).info
     if config.data == "gaussians8":  # the same DDIM with the exact denoiser: the best any teacher can do
         exact = toy_dataset("gaussians8").denoiser
         results = evaluate_sampler(lambda z, c, n: ddim_sample(exact, z, n, c), config, out / "exact_denoiser",
@@ -145,13 +155,24 @@ def evaluate_teacher(config: dict, device: torch.device) -> dict:
     return metrics
 
 
+def evaluation_cost(config: TeacherConfig) -> str:
+    """The teacher's image evaluation in network calls, beside its training's (a step costs about three
+    calls: forward and backward)."""
+    n = max(config.eval_samples, config.fd_samples)
+    calls = sum(steps * (n if steps <= config.fd_max_steps else config.eval_samples) for steps in config.eval_steps)
+    training = 3 * config.iterations * config.batch_size
+    return (f"measuring the teacher's DDIM at {config.eval_steps} steps on {n} samples: {calls:,} network calls, "
+            f"{calls / training:.0%} of its training's ~{training:,} (--fd-samples and --eval-steps set it)")
+
+
 def load_teacher(config: TeacherConfig, device: torch.device, train_if_missing: bool = True) -> Denoiser:
     """The frozen teacher (EMA weights, eval mode, no grads); trained first if missing."""
     path = Path(config.teacher)
     if train_if_missing:
         state = load_checkpoint(path, "teacher checkpoint") if path.exists() else None
         if state is None or state["step"] < config.iterations:
-            print(f"teacher checkpoint {path} is {'missing' if state is None else 'unfinished'}: training it first")
+            print(f"teacher checkpoint {path} is {'missing' if state is None else 'unfinished'}: training it first, "
+                  f"{config.iterations} updates at batch {config.batch_size} (its projected time follows a warm-up)")
             train_teacher(config, resume=state is not None)
             evaluate_teacher(config, device)
     state = load_checkpoint(path, "teacher checkpoint")
@@ -185,8 +206,7 @@ def main(argv=None) -> None:
     metrics = evaluate_teacher(config, device)
     print(f"trained in {metrics['train_time_s']} s; samples and metrics in {teacher_dir(config)}")
     for steps, m in metrics["ddim"].items():
-        if "off_mode" in m:
-            print(f"  DDIM {steps:>3} steps: off-mode {m['off_mode']:.1%}  MMD {m['mmd']:.4f}  W2 {m['w2']:.3f}")
+        print(f"  DDIM {steps:>3} steps: {describe(m)}")
 
 
 if __name__ == "__main__":

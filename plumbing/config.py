@@ -162,6 +162,10 @@ class RunConfig(NetworkConfig):
     eval_steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 8, 64, 256])  # DDIM steps measured
     eval_samples: int = 64            # samples per measurement
     eval_seed: int = 1234             # seed of the evaluation noise (the same in every script)
+    fd_samples: int = 1000            # images: samples per Frechet distance at each evaluation (0: pictures only)
+    fd_max_steps: int = 256           # images: samplers with more steps get pictures only (FD costs steps x fd_samples)
+    classifier_steps: int = 5000      # images: training steps of the offline feature classifier (cached in out_dir)
+    inception: bool = True            # images: also Inception FID where torch-fidelity and its weights are available
     log_every: int = 500              # updates between log lines
     ckpt_every: int = 5000            # updates between checkpoints
     sample_every: int = 20_000        # updates between sample pictures
@@ -169,8 +173,8 @@ class RunConfig(NetworkConfig):
     compile: bool = False             # torch.compile the network (CUDA)
 
     PRESETS: ClassVar[dict] = {
-        "toy": dict(eval_samples=2000, sample_every=5000),
-        "fmnist": dict(log_every=200, ckpt_every=2000, sample_every=5000),
+        "toy": dict(eval_samples=2000, sample_every=5000, classifier_steps=0, inception=False),
+        "fmnist": dict(log_every=200, ckpt_every=2000, sample_every=5000, classifier_steps=3000, inception=False),
     }
 
     def __post_init__(self):
@@ -181,9 +185,13 @@ class RunConfig(NetworkConfig):
 
     def check(self) -> None:
         super().check()
-        for name in ("eval_samples", "log_every", "ckpt_every", "sample_every"):
+        for name in ("eval_samples", "log_every", "ckpt_every", "sample_every", "fd_max_steps"):
             require(self[name] >= 1, f"--{name.replace('_', '-')} must be at least 1, got {self[name]}")
         require(all(s >= 1 for s in self.eval_steps), "--eval-steps must all be at least 1")
+        require(self.fd_samples == 0 or self.fd_samples >= 2,
+                f"--fd-samples must be 0 or at least 2, got {self.fd_samples}")
+        require(self.net == "mlp" or self.fd_samples == 0 or self.classifier_steps >= 1,
+                "--classifier-steps must be at least 1 for image metrics (or pass --fd-samples 0)")
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Image metrics for evaluate.py: a Frechet distance that works offline, and Inception FID where
-its weights can be loaded.
+"""Image metrics, for every script while it trains and for evaluate.py: a Frechet distance that
+works offline, and Inception FID where its weights can be loaded.
 
 - `FeatureClassifier`: a small CNN the project trains once per data set and caches. Its
   penultimate layer (128 features) stands in for Inception's: the Frechet distance in that
@@ -194,3 +194,52 @@ def load_lpips(config, device):
             return metric(x.float(), y.float())
 
     return lpips
+
+
+# ==== Quality of a sampler's images ===================================================================================
+
+
+class ImageQuality:
+    """`quality(images, labels)` -> {"fd_classifier", "accuracy", and "fid_inception" where available}.
+
+    The Frechet distance of class-conditional samples to the training set in the offline classifier's
+    features (and Inception's), plus the classifier's accuracy on the classes the samples were asked
+    for. `info` holds the classifier's own accuracy on the real test images, to judge the metric by.
+    The classifier and the reference statistics are made once per run folder and cached there.
+    `strict`: a missing Inception is an error (evaluate.py), otherwise a note and the classifier alone.
+    """
+
+    def __init__(self, config: dict, device, strict: bool = False):
+        from plumbing.data import load_cifar10, load_fashion_mnist
+
+        self.classifier, self.info = load_classifier(config, device, config["classifier_steps"])
+        real = {"fmnist": load_fashion_mnist, "cifar10": load_cifar10}[config["data"]](config.get("data_dir"))[0]
+        out = Path(config["out_dir"])
+        self.distances = {"fd_classifier": CachedFrechet("classifier", real, out / "reference_classifier.pt", device,
+                                                         self.classifier, made_by={**self.info, "n_real": len(real)})}
+        if config["inception"]:
+            try:
+                self.distances["fid_inception"] = CachedFrechet("inception", real, out / "reference_inception.pt",
+                                                                device, made_by={"n_real": len(real)})
+            except UserError as e:
+                if strict:
+                    raise
+                print(f"note: no Inception FID while training: {str(e).split(';')[0]}")
+        self.info = {**self.info, "n_real": len(real)}
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        images = images.float().clamp(-1, 1).cpu()
+        result = {name: metric(images) for name, metric in self.distances.items()}
+        result["accuracy"] = classifier_accuracy(self.classifier, images, labels.cpu())
+        return {**result, "n": len(images)}
+
+
+_QUALITY: dict = {}  # one ImageQuality per run folder and settings, within a process
+
+
+def image_quality(config: dict, device, strict: bool = False) -> ImageQuality:
+    key = (config["out_dir"], config["data"], config.get("data_dir"), config["classifier_steps"],
+           config["inception"], str(device))  # (strict matters when it is made: evaluate.py makes it first)
+    if key not in _QUALITY:
+        _QUALITY[key] = ImageQuality(config, device, strict)
+    return _QUALITY[key]

@@ -16,7 +16,9 @@ What it takes care of:
 - a progress bar (`loop.show(...)` sets its postfix) and `loop.write(...)` for a line beside it;
 - `loop.due(every)`: true after every `every`-th update and after the last one;
 - `loop.extra`: plain data (histories, timers) that travels with the checkpoint;
-- `loop.seconds`: training time, not counting the blocks run `with loop.off_the_clock():`.
+- `loop.seconds`: training time, not counting the blocks run `with loop.off_the_clock():`, whose
+  time is `loop.eval_seconds` (evaluation's share of the run, reported beside it);
+- a projected wall time for the whole run, printed once after a short warm-up.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class Loop:
         self.checkpoint_at_end, self.ckpt_every = checkpoint_at_end, ckpt_every or config["ckpt_every"]
         self.extra: dict = {}  # plain data saved with each checkpoint
         self.more: dict = {}  # fixed entries of every checkpoint, set by the caller
-        self.step, self.index, self.seconds, self._paused = 0, 0, 0.0, 0.0
+        self.step, self.index, self.seconds, self.eval_seconds, self._paused = 0, 0, 0.0, 0.0, 0.0
         self.resumed = self._restore()
 
     # -- resume and checkpoints ----------------------------------------------------------
@@ -64,6 +66,7 @@ class Loop:
         set_rng_state(saved["rng"])
         self.log_writer.restore(saved["log"])
         self.step, self.seconds, self.extra = saved["step"], saved["seconds"], saved["extra"]
+        self.eval_seconds = saved.get("eval_seconds", 0.0)
         self.saved = saved
         if self.step < self.total:
             print(f"resuming {self.desc} at update {self.step}")
@@ -73,7 +76,8 @@ class Loop:
         """Save everything the loop resumes from, and the caller's fixed entries `more` (e.g. the teacher's
         fingerprint)."""
         save_checkpoint(self.path, {"kind": self.kind, "phase": self.phase, "config": self.config,
-                                    "step": self.step, "seconds": self.seconds, "extra": self.extra,
+                                    "step": self.step, "seconds": self.seconds, "eval_seconds": self.eval_seconds,
+                                    "extra": self.extra,
                                     **{name: obj.state_dict() for name, obj in self.state.items()},
                                     "rng": rng_state(), "log": self.log_writer.records(), **self.more})
 
@@ -81,11 +85,14 @@ class Loop:
 
     def __iter__(self):
         self.bar = progress(range(self.step, self.total), self.desc, initial=self.step, total=self.total)
+        projection = Projection(self.step, self.total)
         for index in self.bar:
             self.index, self._paused, tick = index, 0.0, time.perf_counter()
             yield self.index
             self.step = self.index + 1
             self.seconds += time.perf_counter() - tick - self._paused
+            if (line := projection.update(self.step, time.perf_counter() - tick - self._paused)) is not None:
+                self.write(f"{self.desc}: {line}")
             last = self.step == self.total
             if (self.step % self.ckpt_every == 0 and not last) or (last and self.checkpoint_at_end):
                 self.checkpoint()
@@ -113,12 +120,43 @@ class Loop:
 
     @contextlib.contextmanager
     def off_the_clock(self):
-        """Evaluation inside the loop: not counted in `loop.seconds`."""
+        """Evaluation: not counted in `loop.seconds`, but in `loop.eval_seconds`."""
         tick = time.perf_counter()
         try:
             yield
         finally:
             self._paused += time.perf_counter() - tick
+            self.eval_seconds += time.perf_counter() - tick
+
+
+class Projection:
+    """The run's remaining wall time, told once: after `warmup` updates (compilation, caches), the
+    following updates are timed until `seconds` of them have passed (or `updates` of them), and the
+    rate is projected onto the updates left. Evaluation is not in it (it is off the clock)."""
+
+    def __init__(self, start: int, total: int, warmup: int = 3, seconds: float = 10.0, updates: int = 200):
+        self.start, self.total, self.warmup, self.seconds, self.updates = start, total, warmup, seconds, updates
+        self.timed, self.count, self.done = 0.0, 0, False
+
+    def update(self, step: int, seconds: float) -> str | None:
+        if self.done or step - self.start <= self.warmup:
+            return None
+        self.timed, self.count = self.timed + seconds, self.count + 1
+        if self.timed < self.seconds and self.count < self.updates:
+            return None
+        self.done = True
+        rate, left = self.count / self.timed, self.total - step
+        return (f"{rate:.3g} updates/s; the {left} updates left take about {duration(left / rate)} "
+                f"(training only), ending around {time.strftime('%H:%M', time.localtime(time.time() + left / rate))}")
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '12 min', '3.5 h', '2.1 days'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 172800 else f"{seconds / 86400:.1f} days"
 
 
 class Ladder:

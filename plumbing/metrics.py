@@ -111,13 +111,47 @@ def save_samples(path, points, labels) -> None:
     np.savez(path, points=np.asarray(points, dtype=np.float32), labels=np.asarray(labels))
 
 
+def quality_key(result: dict) -> str | None:
+    """A measurement's headline number: off-mode (gaussians8), MMD (other toy data), or the offline
+    classifier's Frechet distance (images); None for pictures only."""
+    return next((k for k in ("off_mode", "mmd", "fd_classifier") if k in result), None)
+
+
+def describe(result: dict) -> str:
+    """One line of a measurement: 'off-mode 5.1%  MMD 0.0046' or 'FD 12.3  class accuracy 81.0%'."""
+    if "off_mode" in result:
+        return f"off-mode {result['off_mode']:.1%}  MMD {result['mmd']:.4f}"
+    if "mmd" in result:
+        return f"MMD {result['mmd']:.4f}"
+    if "fd_classifier" in result:
+        fid = f"  Inception FID {result['fid_inception']:.2f}" if "fid_inception" in result else ""
+        return f"FD {result['fd_classifier']:.2f}  class accuracy {result['accuracy']:.1%}{fid}"
+    return "pictures only"
+
+
+IMAGE_BATCH = 250  # images sampled at once for a measurement
+
+
+def in_batches(sample, z: torch.Tensor, labels: torch.Tensor, device, batch: int = IMAGE_BATCH,
+               desc: str = "sampling") -> torch.Tensor:
+    """`sample(z, labels) -> x` over `batch`-sized slices on `device` (a progress bar when there are
+    several); the samples in fp32 on the CPU."""
+    from plumbing.training import progress
+
+    starts = range(0, len(z), batch)
+    return torch.cat([sample(z[i:i + batch].to(device), labels[i:i + batch].to(device)).float().cpu()
+                      for i in (progress(starts, desc, leave=False) if len(starts) > 1 else starts)])
+
+
 def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: str = "") -> dict:
     """Sample with `sample(z, labels, steps) -> x` at each step count, on the noise every
     script shares (seeded by `eval_seed`; any noise the sampler draws itself is seeded too), and measure.
 
-    Toy data: unconditional samples (null label), `toy_metrics`, `samples_<steps>.npz`, and
-    one scatter picture `samples.png`. Images: a class-conditional grid `samples_<steps>.png`.
-    Returns {steps: metrics}.
+    Toy data: `eval_samples` unconditional samples (null label), `toy_metrics`, `samples_<steps>.npz`,
+    and one scatter picture `samples.png`. Images: `fd_samples` class-balanced samples in batches,
+    `plumbing.image_metrics.ImageQuality` (Frechet distance, class accuracy), and a grid
+    `samples_<steps>.png` of the first `eval_samples`, one column per class; a sampler of more than
+    `fd_max_steps` steps gets the grid only. Returns {steps: metrics}.
     """
     from common import save_image_grid, save_scatter
     from plumbing.data import toy_dataset
@@ -125,31 +159,32 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(config["eval_seed"])
     toy = config["net"] == "mlp"
-    n = config["eval_samples"]
-    shape = (n, 2) if toy else (n, config["in_ch"], 32, 32)
-    z = torch.randn(shape, generator=g).to(device)
-    labels = torch.full((n,), config["num_classes"], dtype=torch.long)  # null: unconditional
-    if not toy:
-        labels = torch.arange(n) % config["num_classes"]  # images: one row per class
-    labels = labels.to(device)
     results, panels = {}, {}
     for steps in steps_list:
+        measured = toy or (config["fd_samples"] > 0 and steps <= config["fd_max_steps"])
+        n = config["eval_samples"] if toy else max(config["eval_samples"], config["fd_samples"] if measured else 0)
+        g = torch.Generator().manual_seed(config["eval_seed"])
+        z = torch.randn((n, 2) if toy else (n, config["in_ch"], 32, 32), generator=g)
+        labels = torch.full((n,), config["num_classes"]) if toy else torch.arange(n) % config["num_classes"]
+        # (toy: unconditional, the null label; images: every class equally often)
         # Samplers that draw fresh noise between steps (DMD2's multi-step generator) draw it from the
         # global RNG: seed it here, and give it back afterwards, so the numbers do not depend on the caller.
         with seeded_rng(config["eval_seed"] + steps, device):
-            x = sample(z, labels, steps).float().cpu()
+            x = in_batches(lambda z_b, c_b, n_steps=steps: sample(z_b, c_b, n_steps), z, labels, device,
+                           n if toy else IMAGE_BATCH, desc=f"{title}{steps}-step samples")
         if toy:
             dataset = toy_dataset(config["data"])
             results[steps] = toy_metrics(x.numpy(), dataset)
-            save_samples(out_dir / f"samples_{steps}.npz", x.numpy(), labels.cpu().numpy())
+            save_samples(out_dir / f"samples_{steps}.npz", x.numpy(), labels.numpy())
             off = results[steps].get("off_mode")
             panels[f"{title}{steps} step{'s' * (steps > 1)}" + (f"\noff-mode {off:.1%}" if off is not None else "")] = x
         else:
-            save_image_grid(x, out_dir / f"samples_{steps}.png", nrow=config["num_classes"])
-            results[steps] = {}
+            from plumbing.image_metrics import image_quality
+
+            save_image_grid(x[:config["eval_samples"]], out_dir / f"samples_{steps}.png", nrow=config["num_classes"])
+            results[steps] = image_quality(config, device)(x, labels) if measured else {}
     if toy:
-        reference = toy_dataset(config["data"]).sample(n, torch.Generator().manual_seed(0))[0].numpy()
-        save_scatter(panels, out_dir / "samples.png", reference=reference)
+        reference = toy_dataset(config["data"]).sample(config["eval_samples"], torch.Generator().manual_seed(0))[0]
+        save_scatter(panels, out_dir / "samples.png", reference=reference.numpy())
     return results

@@ -11,32 +11,57 @@ The method modules are imported inside the functions that need them (they import
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
 from common import Denoiser, ddim_sample, diffuse, guided, read_json, save_image_grid, save_scatter, write_json
 from plumbing.data import toy_dataset
-from plumbing.metrics import evaluate_sampler, reference_metrics, sampler_floor
+from plumbing.image_metrics import image_quality
+from plumbing.metrics import (IMAGE_BATCH, describe, evaluate_sampler, in_batches, quality_key, reference_metrics,
+                              sampler_floor)
 from plumbing.training import samples_per_second
 from train_teacher import load_teacher, teacher_dir
 
-# ----------------------------------------------------------------------------------------
-# Progressive distillation
-# ----------------------------------------------------------------------------------------
+# ==== What every report shares ======================================================================================
+
+
+def beside_teacher(result: dict, steps: int, teacher_ddim: dict) -> str:
+    """A student's line with the teacher's DDIM at the same step count and at 256 steps, where measured."""
+    key, line = quality_key(result), describe(result)
+    refs = [f"{n}: {teacher_ddim[str(n)][key]:.4g}" for n in dict.fromkeys((steps, 64, 256))
+            if key and key in teacher_ddim.get(str(n), {})]
+    return line + (f"  (teacher DDIM {key} at {', '.join(refs)})" if refs else "")
+
+
+class Stopwatch:
+    """`with watch: ...` adds the block's wall time to `watch.seconds` (evaluation's share of a run)."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds
+
+    def __enter__(self):
+        self.tick = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds += time.perf_counter() - self.tick
+
+
+# ==== Progressive distillation ========================================================================================
 
 
 def evaluate_pd_student(student: Denoiser, steps: int, config: dict, device, out: Path) -> dict:
-    results = evaluate_sampler(lambda z, c, n: ddim_sample(student, z, n, c), config, out / f"student_{steps}",
-                               [steps], device, title="PD student ")
-    return results[steps]
+    """The student's metrics (`evaluate_sampler`) and pictures, with the time they took (`eval_time_s`)."""
+    with Stopwatch() as watch:
+        result = evaluate_sampler(lambda z, c, n: ddim_sample(student, z, n, c), config, out / f"student_{steps}",
+                                  [steps], device, title="PD student ")[steps]
+    return {**result, "eval_time_s": round(watch.seconds, 1)}
 
 
-def print_pd_round(n_steps: int, result: dict, seconds: float) -> None:
-    summary = f"  student {n_steps:>4} steps"
-    if "off_mode" in result:
-        summary += f": off-mode {result['off_mode']:.1%}  MMD {result['mmd']:.4f}"
-    print(summary + f"  ({seconds:.0f} s)")
+def print_pd_round(n_steps: int, result: dict, seconds: float, teacher_ddim: dict) -> None:
+    print(f"  student {n_steps:>4} steps: {beside_teacher(result, n_steps, teacher_ddim)}  ({seconds:.0f} s)")
 
 
 def plot_pd_quality(metrics: dict, png: Path) -> None:
@@ -45,8 +70,8 @@ def plot_pd_quality(metrics: dict, png: Path) -> None:
 
     teacher = metrics.get("teacher_ddim", {}).get("ddim", {})
     students = metrics.get("students", {})
-    key = "off_mode" if any("off_mode" in m for m in students.values()) else "mmd"
-    if not students or not any(key in m for m in students.values()):
+    key = next((quality_key(m) for m in students.values() if quality_key(m)), None)
+    if key is None:
         return
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
@@ -57,21 +82,22 @@ def plot_pd_quality(metrics: dict, png: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sampling steps (network calls)")
     ax.set_ylabel(key.replace("_", "-") + (" rate" if key == "off_mode" else ""))
+    ax.set_yscale("log" if key == "fd_classifier" else "linear")
     ax.set_title("progressive distillation: quality vs steps", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
 
-# ----------------------------------------------------------------------------------------
-# Guided distillation
-# ----------------------------------------------------------------------------------------
+# ==== Guided distillation =============================================================================================
 
 
 class GuidedEvaluator:
-    """Samples a student at each w in `eval_ws` on the shared evaluation noise and, on toy data,
-    measures it against the guided teacher's 256-step DDIM at that w (with that sampler's floor:
-    a second draw of it). Also measures the guided teacher's own DDIM at the student's step count."""
+    """Samples a student at each w in `eval_ws` on the shared evaluation noise and measures it. Toy data:
+    against the guided teacher's 256-step DDIM at that w (with that sampler's floor: a second draw of it).
+    Images: the offline classifier's Frechet distance to the data and class accuracy (`fd_samples`
+    class-balanced samples; pictures only above `fd_max_steps` steps). Also measures the guided
+    teacher's own DDIM at the student's step count."""
 
     def __init__(self, teacher: Denoiser, config: dict, device, out: Path, resume: bool = False):
         import guided_distill as gd  # the sampler, the w binding and the class-balanced labels
@@ -79,17 +105,25 @@ class GuidedEvaluator:
         self.gd = gd
         self.teacher, self.config, self.device, self.out = teacher, config, device, out
         self.toy = config["net"] == "mlp"
-        n = config["eval_samples"] if self.toy else 2 * config["num_classes"]
+        n = config["eval_samples"] if self.toy else max(config["eval_samples"], config["fd_samples"])
         shape = (n, 2) if self.toy else (n, config["in_ch"], 32, 32)
         g = torch.Generator().manual_seed(config["eval_seed"])
-        self.z, self.z2 = (torch.randn(shape, generator=g).to(device) for _ in range(2))
-        self.labels = gd.labels_for(n, config, device)
+        self.z, self.z2 = (torch.randn(shape, generator=g) for _ in range(2))
+        self.labels = gd.labels_for(n, config, "cpu")
         self.mixture = toy_dataset(config["data"]) if config["data"] == "gaussians8" else None
         self.references = {}
         self.teacher_rows = read_json(out / "metrics.json").get("teacher", {}) if resume else {}  # before a resume
+        self.watch = Stopwatch(read_json(out / "metrics.json").get("eval_time_s", 0.0) if resume else 0.0)
+
+    def draw(self, sample, z: torch.Tensor, steps: int) -> torch.Tensor:
+        """`sample(z, labels) -> x` on the evaluation noise: all of it where it is measured, else a picture's worth."""
+        measured = self.toy or (self.config["fd_samples"] > 0 and steps <= self.config["fd_max_steps"])
+        n = len(z) if measured else min(len(z), self.config["eval_samples"])
+        return in_batches(sample, z[:n], self.labels[:n], self.device, n if self.toy else IMAGE_BATCH)
 
     def guided_teacher(self, w: float, z: torch.Tensor, steps: int) -> torch.Tensor:
-        return ddim_sample(guided(self.teacher, w, self.teacher.null_label), z, steps, self.labels).float().cpu()
+        teacher = guided(self.teacher, w, self.teacher.null_label)
+        return self.draw(lambda z_b, c_b: ddim_sample(teacher, z_b, steps, c_b), z, steps)
 
     def reference(self, w: float):
         """The target distribution at w, and its floor from a second draw: both made once per w."""
@@ -105,13 +139,18 @@ class GuidedEvaluator:
         return ddim_sample(self.gd.at_w(model, w_max), z, steps, labels)
 
     def measure(self, x: torch.Tensor, w: float) -> dict:
-        if not self.toy:
-            return {}
+        if not self.toy:  # against the data: guidance trades diversity for class fidelity, which FD shows
+            measured = self.config["fd_samples"] > 0 and len(x) >= self.config["fd_samples"]
+            return image_quality(self.config, self.device)(x, self.labels[:len(x)]) if measured else {}
         ref, floor = self.reference(w)
         return reference_metrics(x.numpy(), ref.numpy(), floor, self.mixture)
 
     def __call__(self, student: Denoiser, steps: int, samplers=("ddim", "stochastic"),
                  folder: str | None = None) -> dict:
+        with self.watch:
+            return self._evaluate(student, steps, samplers, self.out / (folder or f"student_{steps}"))
+
+    def _evaluate(self, student: Denoiser, steps: int, samplers, folder: Path) -> dict:
         ws = [w for w in self.config["eval_ws"] if self.config["w_min"] <= w <= self.config["w_max"]]
         if self.config["single_w"] is not None:
             ws = [self.config["single_w"]]  # the single-w baseline is measured at its own w
@@ -122,34 +161,41 @@ class GuidedEvaluator:
                 self.teacher_rows.setdefault(f"{w:g}", {})[str(steps)] = self.measure(x, w)
             for sampler in samplers:
                 g = torch.Generator().manual_seed(self.config["eval_seed"] + 1)  # the stochastic sampler's noise
-                x = self.gd.sample(student, self.z, self.labels, w, steps, sampler, g).float().cpu()
+                x = self.draw(lambda z_b, c_b, w=w, sampler=sampler, g=g: self.gd.sample(student, z_b, c_b, w, steps,
+                                                                                       sampler, g), self.z, steps)
                 results[sampler][f"{w:g}"] = self.measure(x, w)
                 if self.toy:
                     panels[f"w = {w:g}, {sampler}"] = x
                 else:
-                    save_image_grid(x, self.out / (folder or f"student_{steps}") / f"w{w:g}_{sampler}.png",
+                    save_image_grid(x[:self.config["eval_samples"]], folder / f"w{w:g}_{sampler}.png",
                                     nrow=self.config["num_classes"])
             if self.toy:
                 panels[f"w = {w:g}, guided teacher {self.gd.REFERENCE_STEPS}"] = self.reference(w)[0]
         if self.toy:
-            save_scatter(panels, self.out / (folder or f"student_{steps}") / "samples.png", ncols=len(samplers) + 1)
+            save_scatter(panels, folder / "samples.png", ncols=len(samplers) + 1)
         return results
 
 
 def print_guided_round(n_steps: int, result: dict) -> None:
     line = f"  student {n_steps:>4} steps"
     for sampler, per_w in result.items():
-        if isinstance(per_w, dict) and per_w and all("mmd" in m for m in per_w.values()):
-            line += f"  {sampler} MMD " + " ".join(f"w{w}:{m['mmd']:.4f}" for w, m in per_w.items())
+        keys = {quality_key(m) for m in per_w.values()} if isinstance(per_w, dict) and per_w else {None}
+        if len(keys) == 1 and None not in keys:
+            key = keys.pop()
+            line += f"  {sampler} {'FD' if key == 'fd_classifier' else key} " + " ".join(
+                f"w{w}:{m[key]:.4g}" for w, m in per_w.items())
     print(line)
 
 
 def plot_guided_quality(metrics: dict, png: Path) -> None:
-    """MMD to the guided teacher's 256-step samples against steps, one panel per w."""
+    """Quality against steps, one panel per w: toy MMD to the guided teacher's 256-step samples, or the
+    image FD to the data."""
     from matplotlib.figure import Figure
 
     students, teacher = metrics.get("students", {}), metrics.get("teacher", {})
-    ws = sorted({w for s in students.values() for w in s.get("ddim", {}) if "mmd" in s["ddim"][w]}, key=float)
+    measured = [m for s in students.values() for m in s.get("ddim", {}).values()]
+    key = "mmd" if any("mmd" in m for m in measured) else "fd_classifier"
+    ws = sorted({w for s in students.values() for w in s.get("ddim", {}) if key in s["ddim"][w]}, key=float)
     if not ws:
         return
     fig = Figure(figsize=(3.2 * len(ws), 3.2))
@@ -159,24 +205,24 @@ def plot_guided_quality(metrics: dict, png: Path) -> None:
                 "student stochastic": ({k: s["stochastic"][w] for k, s in students.items() if "stochastic" in s},
                                        "^-")}
         for label, (table, style) in rows.items():
-            pts = sorted((int(k), max(v["mmd"], 1e-5)) for k, v in table.items() if "mmd" in v)
+            pts = sorted((int(k), max(v[key], 1e-5)) for k, v in table.items() if key in v)
             if pts:
                 ax.plot(*zip(*pts), style, label=label, ms=4)
-        floor = next(iter(students.values()))["ddim"][w]["mmd_floor"]
-        ax.axhline(max(floor, 1e-5), c="0.5", ls=":", lw=1, label="floor (teacher vs itself)")
+        if key == "mmd":
+            floor = next(iter(students.values()))["ddim"][w]["mmd_floor"]
+            ax.axhline(max(floor, 1e-5), c="0.5", ls=":", lw=1, label="floor (teacher vs itself)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sampling steps")
         ax.set_title(f"w = {w}", fontsize=10)
-    fig.axes[0].set_ylabel("MMD$^2$ to the guided teacher (256 steps)")
+    fig.axes[0].set_ylabel("MMD$^2$ to the guided teacher (256 steps)" if key == "mmd" else
+                           "classifier FD to the data")
     fig.axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
 
-# ----------------------------------------------------------------------------------------
-# DMD
-# ----------------------------------------------------------------------------------------
+# ==== DMD =============================================================================================================
 
 
 def save_dm_view(generator, real_score, fake_score, config: dict, device, png: Path) -> None:
@@ -220,17 +266,19 @@ class DMDMonitor:
                                   self.device, title=f"DMD update {step}: ")[K]
         self.sampler.train()
         self.history.append({"step": step, **result})
-        return f"  update {step}: off-mode {result['off_mode']:.1%}  MMD {result['mmd']:.4f}" \
-            if "off_mode" in result else f"  update {step}: samples in {folder}"
+        return f"  update {step}: {describe(result)}  (samples in {folder})"
 
 
-def dmd_report(config: dict, out: Path, history: list, train_time: float, sampler, device) -> dict:
-    """metrics.json: the final generator beside the teacher's DDIM, the convergence history,
-    and the sampling speed (samples/s, generator K steps vs the teacher's 256-step DDIM)."""
+def dmd_report(config: dict, out: Path, history: list, loop, sampler, device) -> dict:
+    """metrics.json: the final generator beside the teacher's DDIM, the convergence history, the
+    sampling speed (samples/s, generator K steps vs the teacher's 256-step DDIM), and the time spent
+    training (`loop.seconds`) and evaluating (`loop.eval_seconds` and this report)."""
     teacher_metrics = read_json(teacher_dir(config) / "metrics.json")
-    speed = sampling_speed(sampler, config, device)
+    with Stopwatch(loop.eval_seconds) as watch:
+        speed = sampling_speed(sampler, config, device)
     metrics = {"preset": config["preset"], "steps": config["steps"], "reg_weight": config["reg_weight"],
-               "fake_updates": config["fake_updates"], "train_time_s": round(train_time, 1),
+               "fake_updates": config["fake_updates"], "train_time_s": round(loop.seconds, 1),
+               "eval_time_s": round(watch.seconds, 1),
                "final": history[-1], "history": history, "teacher_ddim": teacher_metrics.get("ddim", {}),
                "samples_per_s": speed}
     write_json(out / "metrics.json", metrics)
@@ -239,15 +287,19 @@ def dmd_report(config: dict, out: Path, history: list, train_time: float, sample
 
 
 @torch.no_grad()
-def teacher_speed(teacher, config, device, z: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
-    """The teacher's `steps`-step DDIM samples/s on this batch, measured once per teacher, device type and
-    batch size and cached beside the teacher: on images 256 steps cost minutes on a CPU, every run."""
+def teacher_speed(teacher, config, device, z: torch.Tensor, labels: torch.Tensor, steps: int,
+                  timed_steps: int = 8) -> float:
+    """The teacher's `steps`-step DDIM samples/s on this batch. DDIM costs one network call per step, so
+    `timed_steps` steps are timed and the rate scaled by timed_steps / steps (on images 256 steps would
+    cost minutes on a CPU); cached beside the teacher per teacher, device type and batch size."""
     path = teacher_dir(config) / f"speed_ddim{steps}_{torch.device(device).type}_batch{len(z)}.json"
     cached = read_json(path)
     if cached.get("teacher") == teacher.fingerprint:
         return cached["samples_per_s"]
-    speed = samples_per_second(lambda: ddim_sample(teacher, z, steps, labels), len(z), device)
-    write_json(path, {"teacher": teacher.fingerprint, "device": str(device), "samples_per_s": speed})
+    timed = min(steps, timed_steps)
+    speed = samples_per_second(lambda: ddim_sample(teacher, z, timed, labels), len(z), device) * timed / steps
+    write_json(path, {"teacher": teacher.fingerprint, "device": str(device), "samples_per_s": speed,
+                      "timed_steps": timed})
     return speed
 
 
@@ -272,12 +324,13 @@ def sampling_speed(sampler, config: dict, device, teacher_steps: int = 256) -> d
 def plot_dmd_history(history: list, teacher: dict, png: Path, config: dict) -> None:
     from matplotlib.figure import Figure
 
-    key = "off_mode" if "off_mode" in history[-1] else "mmd"
-    if key not in history[-1]:
+    key = quality_key(history[-1])
+    if key is None:
         return
     fig = Figure(figsize=(5.5, 3.5))
     ax = fig.subplots()
-    ax.plot([h["step"] for h in history], [h[key] for h in history], "o-", label=f"DMD {config['steps']}-step")
+    ax.plot([h["step"] for h in history if key in h], [h[key] for h in history if key in h], "o-",
+            label=f"DMD {config['steps']}-step")
     for steps, style in (("1", ":"), ("4", "--"), ("256", "-")):
         if steps in teacher and key in teacher[steps]:
             ax.axhline(teacher[steps][key], ls=style, c="0.4", lw=1, label=f"teacher DDIM {steps}")
@@ -285,14 +338,11 @@ def plot_dmd_history(history: list, teacher: dict, png: Path, config: dict) -> N
 
 
 def print_dmd_summary(config, metrics: dict, folder: Path) -> None:
-    final, teacher = metrics["final"], metrics["teacher_ddim"]
-    if "off_mode" in final:
-        line = f"{config.steps}-step generator: off-mode {final['off_mode']:.1%}, MMD {final['mmd']:.4f}"
-        if "256" in teacher:
-            line += f" (teacher DDIM 256 steps: {teacher['256']['off_mode']:.1%}, {teacher['256']['mmd']:.4f})"
-        print(line)
-    print(f"trained in {metrics['train_time_s']} s; {metrics['samples_per_s']['speedup']}x the samples/s of the "
-          f"teacher's 256-step DDIM; everything in {folder}")
+    final = beside_teacher(metrics["final"], config.steps, metrics["teacher_ddim"])
+    print(f"{config.steps}-step generator: {final}")
+    print(f"trained in {metrics['train_time_s']} s (evaluation {metrics['eval_time_s']} s more); "
+          f"{metrics['samples_per_s']['speedup']}x the samples/s of the teacher's 256-step DDIM; "
+          f"everything in {folder}")
 
 
 def save_convergence(fig, ax, key: str, png: Path) -> None:
@@ -305,9 +355,7 @@ def save_convergence(fig, ax, key: str, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
-# ----------------------------------------------------------------------------------------
-# DisBack
-# ----------------------------------------------------------------------------------------
+# ==== DisBack =========================================================================================================
 
 
 def compare_with_dmd(config: dict, metrics: dict) -> dict:
@@ -317,8 +365,8 @@ def compare_with_dmd(config: dict, metrics: dict) -> dict:
     from dmd import run_dir
 
     dmd_metrics = read_json(run_dir(config) / "metrics.json")
-    key = "off_mode" if "off_mode" in metrics["final"] else "mmd"
-    if not dmd_metrics or key not in dmd_metrics.get("final", {}):
+    key = quality_key(metrics["final"])
+    if key is None or key not in dmd_metrics.get("final", {}):
         return {}
     curves = {"DMD": dmd_metrics["history"], "DisBack": metrics["history"]}
     target = max(curves["DMD"][-1][key], curves["DisBack"][-1][key])

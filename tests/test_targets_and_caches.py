@@ -303,3 +303,20 @@ def test_the_teachers_speed_is_measured_once_per_teacher(tmp_path, toy_teacher, 
     reports.teacher_speed(teacher, config, CPU, z, labels, 16)
     assert calls  # measured again for another teacher
 
+
+
+def test_the_teachers_speed_is_scaled_from_a_few_steps(tmp_path, toy_teacher, monkeypatch):
+    # DDIM costs one call per step: 8 timed steps, scaled to 64, land near a real 64-step measurement,
+    # and only 8-step samplings are run.
+    from plumbing import reports
+    from plumbing.training import samples_per_second
+
+    config = dmd_config(tmp_path, toy_teacher)
+    teacher = load_teacher(config, CPU, train_if_missing=False)
+    z, labels = torch.randn(2000, 2), torch.full((2000,), 8)
+    steps_run, real_ddim = [], reports.ddim_sample
+    monkeypatch.setattr(reports, "ddim_sample", lambda m, z, n, c: steps_run.append(n) or real_ddim(m, z, n, c))
+    scaled = reports.teacher_speed(teacher, config, CPU, z, labels, 64)
+    assert set(steps_run) == {8}
+    real = samples_per_second(lambda: real_ddim(teacher, z, 64, labels), len(z), CPU, repeats=3)
+    assert 0.5 < scaled / real < 2.0, (scaled, real)  # measured: within 10% on 2 cores

@@ -148,3 +148,14 @@ def test_help_lists_the_fields():
     assert result.returncode == 0
     for flag in ("--preset", "--resume", "--batch-size", "--label-dropout", "--ch-mult", "--no-hflip"):
         assert flag in result.stdout
+
+
+def test_the_projection_is_told_once_after_the_warm_up():
+    from plumbing.loop import Projection, duration
+
+    projection = Projection(start=100, total=1100, warmup=3, seconds=1.0, updates=1000)
+    told = [projection.update(step, 5.0 if step <= 103 else 0.25) for step in range(101, 120)]
+    # updates 101-103 are the warm-up (slow: compilation); 104-107 take 1 s at 4 updates/s
+    assert told[:6] == [None] * 6 and told[7:] == [None] * 12
+    assert told[6].startswith("4 updates/s; the 993 updates left take about 4 min (training only)"), told[6]
+    assert [duration(s) for s in (45, 720, 12_600, 259_200)] == ["45 s", "12 min", "3.5 h", "3.0 days"]

@@ -1,0 +1,161 @@
+"""The image path end to end: every script's command on real Fashion-MNIST (Debian's package;
+generated images where it is missing) with a tiny UNet and a few updates. Each test checks the
+files the script promises and that every number it writes is finite; the teacher, the feature
+classifier and the reference statistics are made once and shared by the tests of this file."""
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import disback
+import dmd
+import evaluate
+import guided_distill
+import progressive_distill
+import train_teacher
+from plumbing.data import DEBIAN_FASHION_MNIST
+
+pytest.importorskip("torchmetrics")
+pytestmark = pytest.mark.slow
+
+TINY = ["--preset", "fmnist", "--device", "cpu", "--channels", "16", "--ch-mult", "1", "2", "--num-res-blocks", "1",
+        "--attn-res", "16", "--eval-samples", "20", "--fd-samples", "40", "--classifier-steps", "30",
+        "--log-every", "2", "--ckpt-every", "2", "--eval-steps", "1", "4", "--no-amp"]
+
+
+def write_fake_fashion_mnist(root: Path, n: int = 200) -> None:
+    """Generated 28x28 images in the idx format, one blob brightness per class, for machines without
+    Debian's package."""
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = (rng.random((n, 28, 28)) * 40 + labels[:, None, None] * 20).astype(np.uint8)
+        for name, array, magic in ((f"{prefix}-images-idx3-ubyte", images, 3), (f"{prefix}-labels-idx1-ubyte",
+                                                                                 labels, 1)):
+            head = bytes([0, 0, 8, magic]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+            with gzip.open(root / f"{name}.gz", "wb") as f:
+                f.write(head + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The shared run folder with its tiny teacher, trained by the command (8 updates of batch 8)."""
+    folder = tmp_path_factory.mktemp("fmnist")
+    data = [] if DEBIAN_FASHION_MNIST.exists() else ["--data-dir", str(folder / "data")]
+    if data:
+        (folder / "data").mkdir()
+        write_fake_fashion_mnist(folder / "data")
+    args = [*TINY, *data, "--out-dir", str(folder), "--iterations", "8", "--batch-size", "8"]
+    train_teacher.main([*args, "--sample-every", "4"])
+    return folder, args
+
+
+def numbers(obj, path="") -> list[tuple[str, float]]:
+    """Every number in a JSON-like object, with where it sits."""
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in numbers(v, f"{path}/{k}")]
+    if isinstance(obj, list):
+        return [n for i, v in enumerate(obj) for n in numbers(v, f"{path}/{i}")]
+    return [(path, float(obj))] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
+
+
+def assert_finite(metrics_json: Path) -> dict:
+    metrics = json.loads(metrics_json.read_text())
+    bad = [(where, value) for where, value in numbers(metrics) if not math.isfinite(value)]
+    assert not bad, bad
+    return metrics
+
+
+def test_teacher_measures_fd_per_ddim_step_count(run):
+    folder, _ = run
+    metrics = assert_finite(folder / "teacher" / "metrics.json")
+    for steps in ("1", "4"):
+        assert metrics["ddim"][steps]["fd_classifier"] > 0 and 0 <= metrics["ddim"][steps]["accuracy"] <= 1
+        assert metrics["ddim"][steps]["n"] == 40
+        assert (folder / "teacher" / f"samples_{steps}.png").is_file()
+    assert 0 < metrics["classifier"]["test_accuracy"] <= 1  # the metric's own quality is reported
+    assert [h["step"] for h in metrics["history"]] == [4, 8] and "fd_classifier" in metrics["history"][0]
+    assert metrics["eval_time_s"] > 0 and (folder / "teacher" / "loss.png").is_file()
+    assert (folder / "feature_classifier.pt").is_file() and (folder / "reference_classifier.pt").is_file()
+
+
+def test_progressive_distillation_measures_each_round(run, capsys):
+    folder, args = run
+    progressive_distill.main([*args, "--start-steps", "4", "--to-steps", "1", "--round-iterations", "2",
+                              "--pd-batch-size", "4"])
+    metrics = assert_finite(folder / "pd" / "metrics.json")
+    assert set(metrics["students"]) == {"2", "1"}
+    assert all("fd_classifier" in s and "eval_time_s" in s for s in metrics["students"].values())
+    assert "teacher DDIM fd_classifier at 1:" in capsys.readouterr().out  # beside the teacher's value
+    for name in ("student_1.pt", "student_2.pt", "student_1/samples_1.png", "quality_vs_steps.png", "loss.png"):
+        assert (folder / "pd" / name).is_file(), name
+
+
+def test_guided_distillation_measures_each_round_at_each_w(run):
+    folder, args = run
+    guided_distill.main([*args, "--start-steps", "2", "--to-steps", "1", "--round-iterations", "2",
+                         "--stage1-iterations", "2", "--pd-batch-size", "4", "--eval-ws", "0", "2"])
+    metrics = assert_finite(folder / "guided" / "metrics.json")
+    for w in ("0", "2"):
+        assert "fd_classifier" in metrics["students"]["1"]["ddim"][w]
+        assert "fd_classifier" in metrics["teacher"][w]["1"]
+        assert (folder / "guided" / "student_1" / f"w{w}_stochastic.png").is_file()
+    assert "fd_classifier" in metrics["stage1"]["ddim"]["0"] and metrics["eval_time_s"] > 0
+    assert (folder / "guided" / "quality_vs_steps.png").is_file()
+
+
+@pytest.mark.parametrize("script", [dmd, disback])
+def test_dmd_and_disback_record_fd_while_training(run, script):
+    folder, args = run
+    extra = ["--snapshots", "2", "--record-iterations", "2", "--interval", "2"] if script is disback else []
+    script.main([*args, "--steps", "1", "--dmd-iterations", "4", "--eval-every", "2", "--dmd-batch-size", "4",
+                 "--fake-updates", "1", "--reg-loss", "pseudo-huber", "--reg-pairs", "8", "--reg-steps", "2",
+                 *extra])
+    out = folder / ("disback_1step" if script is disback else "dmd_1step")
+    metrics = assert_finite(out / "metrics.json")
+    assert [h["step"] for h in metrics["history"]] == [0, 2, 4]
+    assert all("fd_classifier" in h for h in metrics["history"])
+    assert metrics["eval_time_s"] > 0 and metrics["train_time_s"] > 0
+    assert (out / "convergence.png").is_file() and (out / "eval_0000004" / "samples_1.png").is_file()
+    assert (out / "eval_0000004" / "dm_view.png").is_file()
+
+
+def test_evaluate_tables_every_student(run):
+    folder, args = run
+    evaluate.main([*args, "--num-samples", "40", "--speed-batch", "4", "--teacher-steps", "1", "4"])
+    table = (folder / "results.md").read_text()
+    assert "| teacher DDIM | 4 | 4 |" in table and "| PD | 1 | 1 |" in table and "| DMD | 1 | 1 |" in table
+    rows = [line.split("|")[4:8] for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    cells = [cell.strip().rstrip("%") for row in rows for cell in row if cell.strip()]
+    assert len(rows) == 7 and all(math.isfinite(float(cell)) for cell in cells)
+    assert (folder / "quality_vs_steps.png").is_file()
+
+
+def test_the_gpu_check_runs_with_tiny_settings(tmp_path):
+    # The check meant for a GPU, with tiny networks on the CPU: both parts, the report and the pictures.
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import gpu_check
+
+    data = []
+    if not DEBIAN_FASHION_MNIST.exists():
+        (tmp_path / "data").mkdir()
+        write_fake_fashion_mnist(tmp_path / "data")
+        data = ["--data-dir", str(tmp_path / "data")]
+    gpu_check.main(["--tiny", "--device", "cpu", "--docs", str(tmp_path / "docs"), "--out-dir", str(tmp_path / "run"),
+                    *data])
+    result = assert_finite(tmp_path / "docs" / "results-gpu.json")
+    assert [row["update"] for row in result["speed"]] == ["teacher step"] * 3 + [
+        "PD update", "guided stage-one update", "DMD update (3 networks)"]
+    assert all(row["updates_per_s"] > 0 for row in result["speed"] if "skipped" not in row)
+    assert set(result["pipeline"]["parts"]) == {"teacher", "progressive distillation", "DMD, 1 step", "evaluate.py"}
+    assert set(result["pipeline"]["pd"]["students"]) == {"16", "8", "4"}
+    report = (tmp_path / "docs" / "results-gpu.md").read_text()
+    assert "## Training speed of the cifar10 network" in report and "| PD student | 4 |" in report
+    assert "python tools/gpu_check.py --tiny" in report
+    assert {"teacher_ddim_4.png", "pd_4.png", "dmd_1.png"} <= set(result["pipeline"]["pictures"])
