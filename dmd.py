@@ -100,6 +100,7 @@ class DMDConfig(TeacherConfig):
                        reg_pairs=10_000, gen_ema=0.999, eval_every=2000),
     }
     RESUMABLE: ClassVar[tuple] = ("dmd_iterations", "eval_every", "tag")  # more updates, another cadence
+    TORCHRUN: ClassVar[bool] = False  # one process for now: the generator's batch is not yet split
 
     def check(self) -> None:
         super().check()

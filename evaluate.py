@@ -34,10 +34,11 @@ import torch
 
 from common import (Denoiser, UserError, check_compatible, ddim_sample, frozen_denoiser, load_checkpoint, pick_device,
                     run_cli)
+from plumbing import distributed
 from plumbing.config import NetworkConfig, parse_config, require
 from plumbing.image_metrics import image_quality
 from plumbing.metrics import evaluate_sampler
-from plumbing.training import prepare_network, samples_per_second
+from plumbing.training import prepare_network, samples_per_second, save_figure
 from train_teacher import TeacherConfig, load_teacher
 
 
@@ -243,7 +244,8 @@ def write_results(config: EvalConfig, rows: list[Row], missing: list[str], devic
     if missing:
         lines += ["", "Missing:", ""] + [f"- {m}" for m in missing]
     path = Path(config.out_dir) / "results.md"
-    path.write_text("\n".join(lines) + "\n")
+    if distributed.is_main():
+        path.write_text("\n".join(lines) + "\n")
     print(f"table: {path}")
 
 
@@ -280,7 +282,7 @@ def plot_quality(config: EvalConfig, rows: list[Row], png: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"{config.preset}: quality against network calls (evaluate.py)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    save_figure(fig, png)
 
 
 def main(argv=None) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from common import UserError, alpha_sigma, bcast
+from plumbing.distributed import check_batch, shard
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 OFFLINE_HINT = ("offline alternatives: --preset toy (2-D data, no files needed), or --preset fmnist "
@@ -191,7 +192,8 @@ class BatchStream:
     """
 
     def __init__(self, config: dict, device: torch.device, seed: int):
-        self.batch_size, self.device, self.seed = config["batch_size"], device, seed
+        self.batch_size, self.device, self.seed = config["batch_size"], device, seed  # the global batch
+        check_batch(self.batch_size)
         self.flip = config.get("hflip", False)
         self.toy = config["net"] == "mlp"
         self.generator = torch.Generator().manual_seed(seed)
@@ -208,18 +210,21 @@ class BatchStream:
         return torch.randperm(len(self.labels), generator=epoch_generator)
 
     def next(self):
+        """The next batch: under torchrun this rank's slice of the global batch, which every rank draws
+        alike (plumbing/distributed.py), so N processes see the data one process would."""
         if self.toy:
             x, labels = self.dataset.sample(self.batch_size, self.generator)
-            return x.to(self.device), labels.to(self.device)
+            return shard(x).to(self.device), shard(labels).to(self.device)
         if self.pos + self.batch_size > len(self.perm):
             self.epoch, self.pos = self.epoch + 1, 0
             self.perm = self._permutation()
         idx = self.perm[self.pos: self.pos + self.batch_size]
         self.pos += self.batch_size
-        x = self.images[idx].to(self.device).float() / 127.5 - 1.0  # (B, C, 32, 32) in [-1, 1]
-        if self.flip:
-            flip = torch.rand(len(idx), generator=self.generator) < 0.5
-            x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(3), x)
+        flip = torch.rand(len(idx), generator=self.generator) < 0.5 if self.flip else None
+        idx = shard(idx)
+        x = self.images[idx].to(self.device).float() / 127.5 - 1.0  # (B / world, C, 32, 32) in [-1, 1]
+        if flip is not None:
+            x = torch.where(shard(flip).to(self.device)[:, None, None, None], x.flip(3), x)
         return x, self.labels[idx].to(self.device)
 
     def state_dict(self) -> dict:

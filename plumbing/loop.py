@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
+from plumbing import distributed
 from plumbing.training import (LogWriter, UserError, check_compatible, load_checkpoint, progress, read_json,
-                               rng_state, save_checkpoint, set_rng_state, write_json)
+                               rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
 
 
 class Loop:
@@ -48,6 +49,10 @@ class Loop:
         self.more: dict = {}  # fixed entries of every checkpoint, set by the caller
         self.step, self.index, self.seconds, self.eval_seconds, self._paused = 0, 0, 0.0, 0.0, 0.0
         self.resumed = self._restore()
+        for obj in state.values():  # under torchrun every rank starts from rank 0's networks
+            module = obj if isinstance(obj, torch.nn.Module) else getattr(obj, "model", None)
+            if isinstance(module, torch.nn.Module):
+                distributed.broadcast(module)
 
     # -- resume and checkpoints ----------------------------------------------------------
 
@@ -64,6 +69,8 @@ class Loop:
         for name, obj in self.state.items():
             obj.load_state_dict(saved[name])
         set_rng_state(saved["rng"])
+        if distributed.world() > 1:  # rank 0's RNG state is the one saved: each rank its own stream again
+            seed_everything(self.config["seed"] + 7919 * saved["step"])
         self.log_writer.restore(saved["log"])
         self.step, self.seconds, self.extra = saved["step"], saved["seconds"], saved["extra"]
         self.eval_seconds = saved.get("eval_seconds", 0.0)
@@ -108,6 +115,7 @@ class Loop:
     def log(self, **values) -> None:
         """One JSON line {"step": updates done, **values} every `log_every` updates and after the last."""
         if self.due(self.config["log_every"]):
+            values = distributed.mean_over_ranks(values)  # under torchrun: the losses of the global batch
             values = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
             self.log_writer.write({"step": self.index + 1, **values})
             self.show(**{k: v for k, v in values.items() if k.startswith("loss")})

@@ -107,6 +107,10 @@ def reference_metrics(points, ref, floor: dict, mixture: GaussianMixture | None 
 
 def save_samples(path, points, labels) -> None:
     """The exact samples a metric was computed on, so anyone can re-evaluate them."""
+    from plumbing import distributed
+
+    if not distributed.is_main():
+        return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, points=np.asarray(points, dtype=np.float32), labels=np.asarray(labels))
 

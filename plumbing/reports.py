@@ -21,7 +21,7 @@ from plumbing.data import toy_dataset
 from plumbing.image_metrics import image_quality
 from plumbing.metrics import (IMAGE_BATCH, describe, evaluate_sampler, in_batches, quality_key, reference_metrics,
                               sampler_floor)
-from plumbing.training import samples_per_second
+from plumbing.training import samples_per_second, save_figure
 from train_teacher import load_teacher, teacher_dir
 
 # ==== What every report shares ======================================================================================
@@ -86,7 +86,7 @@ def plot_pd_quality(metrics: dict, png: Path) -> None:
     ax.set_title("progressive distillation: quality vs steps", fontsize=10)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    save_figure(fig, png)
 
 
 # ==== Guided distillation =============================================================================================
@@ -219,7 +219,7 @@ def plot_guided_quality(metrics: dict, png: Path) -> None:
                            "classifier FD to the data")
     fig.axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    save_figure(fig, png)
 
 
 # ==== DMD =============================================================================================================
@@ -352,7 +352,7 @@ def save_convergence(fig, ax, key: str, png: Path) -> None:
     ax.set_ylabel(key.replace("_", "-"))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    save_figure(fig, png)
 
 
 # ==== DisBack =========================================================================================================

@@ -24,13 +24,19 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from plumbing import distributed
+
 
 class UserError(Exception):
     """Bad input from the user: printed as one line by `run_cli`, never as a traceback."""
 
 
 def run_cli(main) -> None:
-    """Run `main()`; turn a `UserError` into a one-line `error: ...` and exit status 2."""
+    """Run `main()`; turn a `UserError` into a one-line `error: ...` and exit status 2. Under torchrun,
+    join the process group first (plumbing/distributed.py)."""
+    distributed.setup()
+    if not distributed.is_main():  # one voice: rank 0 prints, the others only their errors
+        sys.stdout = open(os.devnull, "w")
     try:
         main()
     except UserError as e:
@@ -80,13 +86,16 @@ def pick_device(name: str = "auto") -> torch.device:
             raise UserError(f"--device {name} asked for, but CUDA is not available; use --device cpu")
         return torch.device(name)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", torch.cuda.current_device()) if distributed.active() else torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
+    """Seed every RNG; under torchrun each rank its own stream (its own noise; the data streams and
+    the evaluation have their own seeded generators, and the networks start from rank 0's weights)."""
+    seed += 1_000_003 * distributed.rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -118,6 +127,9 @@ def save_checkpoint(path, state: dict) -> None:
 
     A run killed mid-write leaves the previous checkpoint intact.
     """
+    if not distributed.is_main():  # under torchrun rank 0 writes; the others wait until it has
+        distributed.barrier()
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.as_dict() if hasattr(v, "as_dict") else v for k, v in state.items()}  # configs as plain dicts
@@ -131,6 +143,7 @@ def save_checkpoint(path, state: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    distributed.barrier()
 
 
 def load_checkpoint(path, what: str = "checkpoint") -> dict:
@@ -203,11 +216,16 @@ def read_json(path) -> dict:
 
 
 def write_json(path, obj) -> None:
+    """Atomically; under torchrun by rank 0, the others waiting until it has."""
+    if not distributed.is_main():
+        distributed.barrier()
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+    distributed.barrier()
 
 
 # ----------------------------------------------------------------------------------------
@@ -215,10 +233,19 @@ def write_json(path, obj) -> None:
 # ----------------------------------------------------------------------------------------
 
 
+def save_figure(fig, path) -> None:
+    """A matplotlib figure to a PNG (under torchrun by rank 0 alone)."""
+    if distributed.is_main():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+
+
 def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
-    """Images in [-1, 1], (B, C, H, W) -> one PNG grid (torchvision.utils)."""
+    """Images in [-1, 1], (B, C, H, W) -> one PNG grid (torchvision.utils; under torchrun by rank 0)."""
     from torchvision.utils import save_image
 
+    if not distributed.is_main():
+        return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_image(images.detach().float().cpu().clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow)
 
@@ -248,8 +275,7 @@ def save_scatter(panels: dict, path, reference: np.ndarray | None = None, lim: f
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -288,6 +314,7 @@ def seeded_rng(seed: int, device):
 def progress(iterable, desc: str, **kwargs):
     """A tqdm bar (quiet with TQDM_DISABLE set, or when stderr is not a terminal and CI is set)."""
     quiet = bool(os.environ.get("TQDM_DISABLE")) or (bool(os.environ.get("CI")) and not sys.stderr.isatty())
+    quiet = quiet or not distributed.is_main()  # under torchrun: rank 0's bars only
     return tqdm(iterable, desc=desc, dynamic_ncols=True, mininterval=1.0, disable=quiet, **kwargs)
 
 
@@ -295,6 +322,7 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, model: nn.Mod
     """zero_grad, backward, clip the global gradient norm, step; returns the norm before clipping."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    distributed.average_gradients(model)  # under torchrun: the mean over ranks, as DDP's reducer makes it
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     return grad_norm
@@ -321,25 +349,32 @@ def prepare_network(model: nn.Module, config: dict, device: torch.device, compil
 
 
 class LogWriter:
-    """Appends one JSON record per log line to log.jsonl and draws the curves at the end."""
+    """Appends one JSON record per log line to log.jsonl and draws the curves at the end.
+    Under torchrun rank 0 alone keeps the log; on the other ranks it is silent and empty."""
 
     def __init__(self, path, resume: bool = False):
-        self.path = Path(path)
+        self.path, self.silent = Path(path), not distributed.is_main()
+        if self.silent:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not resume or not self.path.exists():
             self.path.write_text("")
 
     def write(self, record: dict) -> None:
+        if self.silent:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict]:
+        if self.silent:
+            return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def restore(self, records: list[dict] | None) -> None:
         """Put the log back as it was at a checkpoint (the `records()` saved in it), so that a
         resumed run does not repeat the lines written between that checkpoint and the interruption."""
-        if records is None:  # a checkpoint from before logs were saved in them
+        if records is None or self.silent:  # (None: a checkpoint from before logs were saved in them)
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -363,4 +398,4 @@ class LogWriter:
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(png, dpi=110)
+        save_figure(fig, png)
