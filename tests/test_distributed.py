@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Local processes talk over the loopback device (a CI machine's hostname need not resolve).
+LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"} if sys.platform == "linux" else {}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **LOOPBACK}
 TOY = ["--preset", "toy", "--device", "cpu", "--eval-samples", "200", "--eval-steps", "1", "4", "--log-every", "10",
        "--ckpt-every", "50"]
 
@@ -18,8 +21,7 @@ TOY = ["--preset", "toy", "--device", "cpu", "--eval-samples", "200", "--eval-st
 def run(script: str, args: list, processes: int = 1) -> subprocess.CompletedProcess:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
                 if processes > 1 else [sys.executable])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    result = subprocess.run([*launcher, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True,
+    result = subprocess.run([*launcher, str(ROOT / script), *args], cwd=ROOT, env=ENV, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
@@ -79,13 +81,13 @@ def test_a_batch_that_does_not_split_gives_one_line(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = subprocess.run([*launcher, str(ROOT / "train_teacher.py"), *TOY, "--out-dir", str(tmp_path),
                              "--iterations", "10", "--batch-size", "5"], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                            env=ENV, timeout=300)
     assert result.returncode != 0 and "error: a batch of 5 does not split over 2 processes" in result.stderr
 
 
 def test_dmd_says_it_runs_as_one_process_for_now(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = subprocess.run([*launcher, str(ROOT / "dmd.py"), *TOY, "--out-dir", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                            capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode != 0 and "DMDConfig does not run under torchrun yet" in result.stderr
     assert not (tmp_path / "teacher.pt").exists()
