@@ -37,11 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 
 from common import (UserError, check_same_teacher, load_checkpoint, pick_device, run_cli, save_checkpoint,
                     seed_everything, trainable_copy, write_json)
-from dmd import DMDConfig, adamw, fake_score_loss, generator_samples, sample_labels, train_dmd
+from dmd import DMDConfig, adamw, fake_score_loss, generator_samples, noise_and_labels, train_dmd
 from plumbing.config import parse_config, require
 from plumbing.loop import Loop
 from plumbing.reports import compare_with_dmd
@@ -105,10 +104,9 @@ def record_degradation(teacher, config: DisBackConfig, device, folder: Path) -> 
     opt = adamw(score, config.record_lr)
     loop = Loop(folder / "record_progress.pt", config, "recording", every * n, {"model": score, "opt": opt},
                 "stage 1: recording the path", keys=PATH_KEYS, ckpt_every=every)
-    batch, shape = config.dmd_batch_size, (2,) if config.net == "mlp" else (config.in_ch, 32, 32)
     losses = loop.extra.setdefault("losses", [])
     for step in loop:
-        z, labels = torch.randn(batch, *shape, device=device), sample_labels(batch, config).to(device)
+        z, labels = noise_and_labels(config, device)
         # G_0's samples, drawn as stage 2's fake score will see them (backward simulation for K > 1)
         x = generator_samples(teacher, z, labels, config.steps)
         loss = fake_score_loss(score, x, labels)  # Alg. 1's denoising loss on G_0's samples

@@ -58,6 +58,7 @@ import torch.nn as nn
 from common import (EMA, UserError, check_same_teacher, ddim_sample, diffuse, diffusion_loss, guided, no_grad_fp32,
                     pick_device, run_cli, seed_everything, trainable_copy)
 from plumbing.config import parse_config, require
+from plumbing.distributed import per_process
 from plumbing.image_metrics import load_lpips
 from plumbing.loop import Loop
 from plumbing.reports import DMDMonitor, dmd_report, print_dmd_summary
@@ -75,7 +76,7 @@ class DMDConfig(TeacherConfig):
 
     steps: int = 1                    # generator steps K: 1 is DMD's one-step generator, 2 or 4 DMD2's multi-step one
     dmd_iterations: int = 200_000     # generator updates
-    dmd_batch_size: int = 392         # generator batch; the fake score trains on the same size (paper: 392)
+    dmd_batch_size: int = 392         # generator batch (global under torchrun), also the fake score's (paper: 392)
     gen_lr: float = 5e-5              # generator AdamW learning rate, weight decay 0.01 (paper: 5e-5)
     fake_lr: float = 5e-5             # fake score AdamW learning rate (paper: 5e-5)
     fake_updates: int = 1             # fake-score updates per generator update (DMD: 1; DMD2's TTUR: 5)
@@ -100,7 +101,6 @@ class DMDConfig(TeacherConfig):
                        reg_pairs=10_000, gen_ema=0.999, eval_every=2000),
     }
     RESUMABLE: ClassVar[tuple] = ("dmd_iterations", "eval_every", "tag")  # more updates, another cadence
-    TORCHRUN: ClassVar[bool] = False  # one process for now: the generator's batch is not yet split
 
     def check(self) -> None:
         super().check()
@@ -252,10 +252,10 @@ def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def noise_and_labels(config: DMDConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of generator inputs: z ~ N(0, I) and labels (null w.p. dmd_label_dropout)."""
-    shape = (2,) if config.net == "mlp" else (config.in_ch, 32, 32)
-    return (torch.randn(config.dmd_batch_size, *shape, device=device),
-            sample_labels(config.dmd_batch_size, config).to(device))
+    """A batch of generator inputs: z ~ N(0, I) and labels (null w.p. dmd_label_dropout); under torchrun,
+    this process's share of the batch (plumbing/distributed.py)."""
+    n, shape = per_process(config.dmd_batch_size), (2,) if config.net == "mlp" else (config.in_ch, 32, 32)
+    return torch.randn(n, *shape, device=device), sample_labels(n, config).to(device)
 
 
 def fake_score_update(fake_score, opt, generator, z, labels, config: DMDConfig) -> torch.Tensor:

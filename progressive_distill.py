@@ -63,7 +63,7 @@ class PDConfig(TeacherConfig):
     to_steps: int = 1                 # stop when the student samples in this many steps, a power of two (paper: 1)
     round_iterations: int = 50_000    # student updates per halving (paper: 50k)
     pd_lr: float = 5e-5               # Adam learning rate, annealed linearly to 0 within each round (paper: 5e-5)
-    pd_batch_size: int = 128          # batch size while distilling (paper: 128)
+    pd_batch_size: int = 128          # batch size while distilling, global under torchrun (paper: 128)
     weighting: str = "truncated-snr"  # x-MSE weight: truncated-snr = max(SNR, 1) (paper), or snr+1
     pd_label_dropout: float = 0.1     # probability of distilling an example with the null label (as the teacher)
 

@@ -52,7 +52,7 @@ from plumbing.training import LogWriter, autocast, optimizer_step, prepare_netwo
 class TeacherConfig(RunConfig):
     """Alg. 1: training the teacher (defaults: the PD paper's CIFAR-10 settings, docs/methods.md 1.2)"""
 
-    batch_size: int = 128             # training batch size (paper: 128)
+    batch_size: int = 128             # training batch size, global under torchrun (paper: 128)
     lr: float = 2e-4                  # Adam learning rate (paper: 2e-4)
     iterations: int = 800_000         # training iterations (paper: 800k)
     warmup: int = 1000                # linear learning-rate warm-up iterations (paper: 1000)

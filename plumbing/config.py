@@ -51,7 +51,6 @@ class Config:
 
     PRESETS: ClassVar[dict] = {}
     RESUMABLE: ClassVar[tuple] = ()  # own fields a resumed run may change (more updates, another cadence)
-    TORCHRUN: ClassVar[bool] = True  # whether the script runs under torchrun (plumbing/distributed.py)
 
     def __post_init__(self):
         self.check()
@@ -252,11 +251,6 @@ def parse_config(cls, description: str, argv=None, flags: dict | None = None):
         else:
             group.add_argument(flag, type=base[0] if base else kind, default=None, help=helps.get(f.name))
     args = parser.parse_args(argv)
-    from plumbing import distributed
-
-    require(cls.TORCHRUN or distributed.world() == 1,
-            f"{cls.__name__} does not run under torchrun yet (its batch is not split over processes); run it "
-            "as one process")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                  if f.name != "preset" and getattr(args, f.name) is not None}
     config = cls.from_preset(resolve_preset(args.preset), **overrides)

@@ -13,8 +13,11 @@ Under torchrun:
   DMD's generator, which runs two forwards with gradient per backward (DDP's reducer needs
   `static_graph` for that), and keeps checkpoints free of DDP's `module.` prefix, so a
   checkpoint moves between 1 and N processes unchanged;
+- evaluation samples are drawn in shares (`chunk`) and gathered (`gather`), so every rank holds
+  all of them and computes the same metrics;
 - rank 0 alone writes checkpoints, logs, metrics and pictures; the others wait where a file is
-  written that they may read next (`save_checkpoint` and `write_json` end in a barrier).
+  written that they may read next (`save_checkpoint` and `write_json` end in a barrier), and a
+  cache is looked up by every rank at once (`barrier` first), so that all take the same path.
 """
 
 from __future__ import annotations
@@ -75,6 +78,27 @@ def check_batch(batch_size: int) -> None:
                         f"that is a multiple of {world()} (batch sizes are global)")
 
 
+def per_process(batch_size: int) -> int:
+    """This process's share of a global batch size."""
+    check_batch(batch_size)
+    return batch_size // world()
+
+
+def chunk(n: int) -> tuple[int, int]:
+    """This rank's contiguous share [start, end) of n evaluation samples (the last ranks may get fewer)."""
+    size = -(-n // world())
+    return min(n, rank() * size), min(n, (rank() + 1) * size)
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` (its `chunk` of the samples, on the CPU), concatenated in rank order."""
+    if not active():
+        return x
+    parts = [None] * world()
+    dist.all_gather_object(parts, x.cpu())
+    return torch.cat(parts)
+
+
 def broadcast(module: torch.nn.Module) -> None:
     """Rank 0's parameters and buffers to every rank."""
     if active():
@@ -108,6 +132,7 @@ def mean_over_ranks(values: dict) -> dict:
     device = next((v.device for v in values.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
-    flat = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    flat = torch.tensor([float(values[k].detach()) if isinstance(values[k], torch.Tensor) else float(values[k])
+                         for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(flat)
     return {**values, **{k: (flat[i] / world()).item() for i, k in enumerate(keys)}}

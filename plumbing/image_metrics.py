@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UserError, load_checkpoint, save_checkpoint
+from plumbing import distributed
 from plumbing.training import progress
 
 
@@ -90,6 +91,7 @@ def load_classifier(config: dict, device, steps: int) -> tuple[FeatureClassifier
     from plumbing.data import load_cifar10, load_fashion_mnist
 
     path = Path(config["out_dir"]) / "feature_classifier.pt"
+    distributed.barrier()  # under torchrun every rank looks at once, so that all take the same path
     state = load_checkpoint(path, "feature classifier") if path.exists() else None
     if state is not None and state["info"]["steps"] == steps:  # trained with these settings: reuse it
         model = FeatureClassifier(config["in_ch"])
@@ -150,6 +152,7 @@ class CachedFrechet:
                                 "--no-inception: the offline classifier distance is always reported") from None
         self.feature, self.device = feature, device
         keys = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+        distributed.barrier()  # (as in load_classifier)
         saved = load_checkpoint(cache, "cached reference statistics") if cache.exists() else None
         if saved is not None and saved.get("made_by") == made_by:  # the same feature network, the same real set
             for k in keys:

@@ -140,11 +140,14 @@ def in_batches(sample, z: torch.Tensor, labels: torch.Tensor, device, batch: int
                desc: str = "sampling") -> torch.Tensor:
     """`sample(z, labels) -> x` over `batch`-sized slices on `device` (a progress bar when there are
     several); the samples in fp32 on the CPU."""
+    from plumbing import distributed
     from plumbing.training import progress
 
-    starts = range(0, len(z), batch)
-    return torch.cat([sample(z[i:i + batch].to(device), labels[i:i + batch].to(device)).float().cpu()
-                      for i in (progress(starts, desc, leave=False) if len(starts) > 1 else starts)])
+    start, end = distributed.chunk(len(z))  # under torchrun each rank draws its share, then all are gathered
+    starts = range(start, end, batch)
+    parts = [sample(z[i:min(i + batch, end)].to(device), labels[i:min(i + batch, end)].to(device)).float().cpu()
+             for i in (progress(starts, desc, leave=False) if len(starts) > 1 else starts)]
+    return distributed.gather(torch.cat(parts) if parts else torch.empty(0, *z.shape[1:]))
 
 
 def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: str = "") -> dict:

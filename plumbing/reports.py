@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from common import Denoiser, ddim_sample, diffuse, guided, read_json, save_image_grid, save_scatter, write_json
+from plumbing import distributed
 from plumbing.data import toy_dataset
 from plumbing.image_metrics import image_quality
 from plumbing.metrics import (IMAGE_BATCH, describe, evaluate_sampler, in_batches, quality_key, reference_metrics,
@@ -293,6 +294,7 @@ def teacher_speed(teacher, config, device, z: torch.Tensor, labels: torch.Tensor
     `timed_steps` steps are timed and the rate scaled by timed_steps / steps (on images 256 steps would
     cost minutes on a CPU); cached beside the teacher per teacher, device type and batch size."""
     path = teacher_dir(config) / f"speed_ddim{steps}_{torch.device(device).type}_batch{len(z)}.json"
+    distributed.barrier()  # under torchrun every rank looks at once, so that all take the same path
     cached = read_json(path)
     if cached.get("teacher") == teacher.fingerprint:
         return cached["samples_per_s"]
