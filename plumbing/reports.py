@@ -181,10 +181,10 @@ def print_guided_round(n_steps: int, result: dict) -> None:
     line = f"  student {n_steps:>4} steps"
     for sampler, per_w in result.items():
         keys = {quality_key(m) for m in per_w.values()} if isinstance(per_w, dict) and per_w else {None}
-        if len(keys) == 1 and None not in keys:
-            key = keys.pop()
-            line += f"  {sampler} {'FD' if key == 'fd_classifier' else key} " + " ".join(
-                f"w{w}:{m[key]:.4g}" for w, m in per_w.items())
+        if len(keys) == 1 and None not in keys:  # toy: MMD to the guided teacher; images: FD to the data
+            key = "mmd" if all("mmd" in m for m in per_w.values()) else keys.pop()
+            name, fmt = ("MMD", ".4f") if key == "mmd" else ("FD", ".4g")
+            line += f"  {sampler} {name} " + " ".join(f"w{w}:{m[key]:{fmt}}" for w, m in per_w.items())
     print(line)
 
 
@@ -267,7 +267,8 @@ class DMDMonitor:
                                   self.device, title=f"DMD update {step}: ")[K]
         self.sampler.train()
         self.history.append({"step": step, **result})
-        return f"  update {step}: {describe(result)}  (samples in {folder})"
+        pictures = f"  (samples in {folder})" if self.config.net != "mlp" else ""
+        return f"  update {step}: {describe(result)}{pictures}"
 
 
 def dmd_report(config: dict, out: Path, history: list, loop, sampler, device) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test starts torchrun
 ROOT = Path(__file__).resolve().parent.parent
 # Local processes talk over the loopback device (a CI machine's hostname need not resolve).
 LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"} if sys.platform == "linux" else {}
