@@ -2,339 +2,230 @@
 
     python exercises/check.py                 # every topic, from your files in exercises/
     python exercises/check.py basics dmd      # some topics
+    python exercises/check.py --json          # the same, as JSON for an autograder
+    python exercises/check.py --from DIR      # grade the files <topic>.py in DIR (a student's folder)
     python exercises/check.py --reference     # the repository's own code (every check passes)
 
-For every check it prints what was expected and what came back; it exits 1 if any check fails.
-The checks use no reference implementation of the function under test: identities, the exact
-denoiser of a Gaussian mixture (a perfect teacher), autograd, and known schedules.
+Every exercise has a fixed list of checks; each prints what it checks and, when it fails, what came
+back. A function scores the fraction of its checks that pass (an untouched stub: 0), and the total is
+the sum over the functions graded, out of their number. The exit code is 0 only when every check
+passes, 1 otherwise, and 2 for a usage error or an error of the checker itself (which is never
+counted against you; please report it).
+
+The checker is self-contained: it uses only torch and its own closed forms (the cosine schedule, the
+DDIM step, the exact denoiser of a Gaussian mixture as a perfect teacher), never the functions being
+asked for. While one function is graded, the other exercises it may call (`ddim_step` inside
+`pd_target`, `cfg` inside `guided`, `alpha_sigma` inside `diffuse`) are these closed forms, so each
+function is graded on its own.
+
+It is three files: this one, the command line, which runs the checks, scores them and reports;
+checks.py, the checks of every exercise; closed_forms.py, the answers they expect and the stand-ins
+(teacher, scores, generator) they hand to your functions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
-import math
+import inspect
+import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+if sys.path[:1] != [str(HERE.parent)]:
+    # The folder above exercises/, where the code they import lives, first: run as a script, exercises/ itself is
+    # on the path, and its dmd.py and disback.py (the stubs) would shadow the reference modules of those names.
+    sys.path.insert(0, str(HERE.parent))
 
-from common import diffuse, diffusion_loss  # noqa: E402
-from exercises.make import TOPICS  # noqa: E402
-from plumbing.data import GaussianMixture, gaussians8  # noqa: E402
-from plumbing.networks import MLPDenoiserNet  # noqa: E402
+from exercises.checks import CHECKS, CURRENT, Crash, Fail, Stub, checker_files, where  # noqa: E402
+from exercises.closed_forms import BY_HAND  # noqa: E402
 
-MIX = gaussians8()  # 8 Gaussians on the unit circle; MIX.denoiser is the exact E[x | z_t, c]
-NULL = MIX.num_classes
-
-
-def cos_sin(t: float) -> tuple[float, float]:
-    return math.cos(math.pi * t / 2), math.sin(math.pi * t / 2)
-
-
-def err(a, b) -> float:
-    return (torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)).abs().max().item()
-
-
-def close(what: str, expected, got, tol: float):
-    """(description, passed, detail) for a comparison of tensors or numbers."""
-    e = err(expected, got)
-    return what, e <= tol, f"max error {e:.2g} (allowed {tol:.0g})"
-
-
-def ddim_by_hand(x_hat, z_t, t: float, s: float):
-    """The DDIM step written out for scalar times: alpha_s x_hat + sigma_s (z_t - alpha_t x_hat) / sigma_t."""
-    (a_t, s_t), (a_s, s_s) = cos_sin(t), cos_sin(s)
-    return a_s * x_hat + s_s * (z_t - a_t * x_hat) / s_t
-
-
-def data(n: int = 512, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x, labels = MIX.sample(n, g)
-    return x, labels, torch.randn(n, 2, generator=g)
+# topic: (what it covers, [(reference module, function), ...]); exercises/<topic>.py holds the functions.
+TOPICS = {
+    "basics": ("the cosine schedule, the DDIM step, its inversion and classifier-free guidance "
+               "(docs/methods.md section 0)",
+               [("common", "alpha_sigma"), ("common", "ddim_step"), ("common", "invert_ddim"), ("common", "cfg")]),
+    "progressive": ("progressive distillation's target and loss weighting (PD Alg. 2; docs/methods.md section 1)",
+                    [("progressive_distill", "pd_target"), ("progressive_distill", "snr_weight")]),
+    "guided": ("guided distillation's stage-one target and the stochastic sampler's re-noising step "
+               "(Meng et al.; docs/methods.md section 2)",
+               [("guided_distill", "guided_target"), ("guided_distill", "renoise")]),
+    "dmd": ("DMD's distribution-matching gradient, the fake score's loss and the K-step generator "
+            "(Yin et al., DMD2; docs/methods.md section 3)",
+            [("dmd", "dmd_generator_loss"), ("dmd", "fake_score_loss"), ("dmd", "generate")]),
+    "disback": ("DisBack's backtracking schedule of real scores (Zhang et al.; docs/methods.md section 4)",
+                [("disback", "snapshot_index")]),
+}
+TOPIC_OF = {name: topic for topic, (_, functions) in TOPICS.items() for _, name in functions}
 
 
 # ----------------------------------------------------------------------------------------
-# basics
+# Running the checks
 # ----------------------------------------------------------------------------------------
 
 
-def check_alpha_sigma(f):
-    t = torch.linspace(0, 1, 101)
-    alpha_t, sigma_t = f(t)
-    yield close("alpha_t^2 + sigma_t^2 = 1 on 101 times in [0, 1] (variance preserving)",
-                torch.ones(101), alpha_t**2 + sigma_t**2, 1e-5)
-    got = tuple(float(v) for v in f(0.3))
-    yield close(f"alpha_0.3 = cos(0.15 pi), sigma_0.3 = sin(0.15 pi): expected {cos_sin(0.3)}, got {got}",
-                cos_sin(0.3), got, 1e-6)
-    a1, a0, s0 = float(f(1.0)[0]), float(f(0.0)[0]), float(f(0.0)[1])
-    yield (f"alpha_1 = 0 exactly (pure noise), alpha_0 = 1, sigma_0 = 0: got {a1:.3g}, {a0:.3g}, {s0:.3g}",
-           a1 == 0.0 and a0 == 1.0 and s0 == 0.0, "")
+class Result(NamedTuple):
+    """One check's verdict on one function."""
+
+    what: str  # what the check checks
+    passed: bool
+    detail: str  # what came back (numbers, or why it failed)
+    status: str  # "pass", "fail", "crash", "stub", or "error" (the checker's own; not the student's)
 
 
-def check_ddim_step(f):
-    x, _, eps = data()
-    for t, s in ((0.7, 0.4), (1.0, 0.5), (0.3, 0.0)):
-        (a_t, s_t), (a_s, s_s) = cos_sin(t), cos_sin(s)
-        z_t = a_t * x + s_t * eps
-        # given the true x, a deterministic step keeps the same eps: z_s = alpha_s x + sigma_s eps
-        yield close(f"from z_t = alpha_t x + sigma_t eps with x_hat = x, a step {t} -> {s} lands on "
-                    "alpha_s x + sigma_s eps", a_s * x + s_s * eps, f(x, z_t, t, s), 1e-5)
-    z_t, x_hat = torch.randn(512, 2), torch.randn(512, 2)
-    t = torch.full((512,), 0.6)
-    yield close("per-example times t (B,) give the same step as a float", f(x_hat, z_t, 0.6, 0.2),
-                f(x_hat, z_t, t, torch.full((512,), 0.2)), 1e-6)
-
-
-def check_invert_ddim(f):
-    g = torch.Generator().manual_seed(1)
-    z_t, z_s = torch.randn(512, 2, generator=g), torch.randn(512, 2, generator=g)
-    for t, s in ((0.8, 0.55), (1.0, 0.75), (0.25, 0.0)):
-        x_tilde = f(z_t, z_s, t, s)
-        where = " (alpha_t = 0)" if t == 1.0 else " (s = 0)" if s == 0.0 else ""
-        yield close(f"one DDIM step {t} -> {s} from z_t with x_tilde lands on z_s{where}",
-                    z_s, ddim_by_hand(x_tilde, z_t, t, s), 1e-4)
-
-
-def check_cfg(f):
-    g = torch.Generator().manual_seed(2)
-    x_c, x_u = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
-    yield close("w = 2: (1 + w) x_cond - w x_uncond = 3 x_cond - 2 x_uncond", 3 * x_c - 2 * x_u, f(x_c, x_u, 2.0), 1e-5)
-    yield close("w = 0 is the conditional model", x_c, f(x_c, x_u, 0.0), 1e-6)
-    w = torch.linspace(0, 4, 64)
-    yield close("per-example w (B,)", (1 + w[:, None]) * x_c - w[:, None] * x_u, f(x_c, x_u, w), 1e-5)
-
-
-# ----------------------------------------------------------------------------------------
-# progressive distillation
-# ----------------------------------------------------------------------------------------
-
-
-def check_pd_target(f):
-    teacher, n = MIX.denoiser, 8  # the exact denoiser: a perfect teacher
-    x, labels, eps = data()
-    for i in (n, 5, 1):
-        t_val, t1, t2 = i / n, (i - 0.5) / n, (i - 1) / n
-        t = torch.full((512,), t_val)
-        z_t = diffuse(x, t, eps)
-        z_mid = ddim_by_hand(teacher(z_t, t, labels), z_t, t_val, t1)
-        z_two = ddim_by_hand(teacher(z_mid, torch.full((512,), t1), labels), z_mid, t1, t2) if t2 > 0 \
-            else teacher(z_mid, torch.full((512,), t1), labels)
-        x_tilde = f(teacher, z_t, t, labels, n)
-        landed = ddim_by_hand(x_tilde, z_t, t_val, t2) if t2 > 0 else x_tilde
-        note = " (alpha_t = 0)" if i == n else " (t'' = 0: the target is the teacher's second x_hat)" if i == 1 else ""
-        yield close(f"N = {n}, t = {i}/{n}: one student step from z_t lands on the teacher's two{note}",
-                    z_two, landed, 1e-4)
-
-
-def check_snr_weight(f):
-    t = torch.linspace(0.02, 0.98, 49)
-    snr = (torch.cos(math.pi * t / 2) / torch.sin(math.pi * t / 2)) ** 2
-    yield close("truncated-snr = max(SNR, 1) (compared as the ratio to it)", torch.ones(49),
-                f(t, "truncated-snr") / snr.clamp(min=1), 1e-4)
-    yield close("snr+1 = SNR + 1 (compared as the ratio to it)", torch.ones(49), f(t, "snr+1") / (snr + 1), 1e-4)
+@contextlib.contextmanager
+def others_by_hand(name: str, function):
+    """While `name` is graded, the other exercises it can reach by name (in its module, and in the handout's
+    exercises/toolkit.py) are the checker's closed forms."""
+    spaces = [getattr(inspect.unwrap(function), "__globals__", {})]  # {}: not a Python function
+    toolkit = sys.modules.get("exercises.toolkit")
+    if toolkit is not None:
+        spaces.append(vars(toolkit))
+    saved = []
+    for space in spaces:
+        for other, by_hand in BY_HAND.items():
+            if other != name and other in space:
+                saved.append((space, other, space[other]))
+                space[other] = by_hand
     try:
-        f(t, "snr-squared")
-        yield "an unknown weighting is an error", False, "it returned a value"
-    except NotImplementedError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any clear error will do
-        yield "an unknown weighting is an error", True, type(e).__name__
+        yield
+    finally:
+        for space, other, value in reversed(saved):
+            space[other] = value
 
 
-# ----------------------------------------------------------------------------------------
-# guided distillation
-# ----------------------------------------------------------------------------------------
-
-
-class ExactTeacher:
-    """The exact mixture denoiser behind the Denoiser protocol, with a null label."""
-
-    null_label = NULL
-
-    def __call__(self, z_t, t, labels, w=None):
-        return MIX.denoiser(z_t, t, labels)
-
-
-def check_guided_target(f):
-    x, labels, eps = data()
-    t = torch.full((512,), 0.4)
-    z_t = diffuse(x, t, eps)
-    cond, uncond = MIX.denoiser(z_t, t, labels), MIX.denoiser(z_t, t, torch.full_like(labels, NULL))
-    for w in (0.0, 2.0):
-        yield close(f"w = {w:g}: (1 + w) x_hat(z_t, c) - w x_hat(z_t, null) of the exact mixture",
-                    (1 + w) * cond - w * uncond, f(ExactTeacher(), z_t, t, labels, w), 1e-5)
-
-
-def check_renoise(f):
-    g = torch.Generator().manual_seed(3)
-    z_s = torch.randn(256, 2, generator=g)
-    for s, t in ((0.25, 0.5), (0.0, 0.25), (0.5, 0.9)):
-        (a_s, s_s), (a_t, s_t) = cos_sin(s), cos_sin(t)
-        ratio, std = a_t / a_s, math.sqrt(s_t**2 - (a_t / a_s) ** 2 * s_s**2)
-        yield close(f"{s} -> {t}, eps = 0: the mean (alpha_t / alpha_s) z_s", ratio * z_s,
-                    f(z_s, s, t, torch.zeros_like(z_s)), 1e-5)
-        yield close(f"{s} -> {t}, eps = 1: plus sigma_t|s = sqrt(sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2) "
-                    f"= {std:.4f}", ratio * z_s + std, f(z_s, s, t, torch.ones_like(z_s)), 1e-5)
-
-
-# ----------------------------------------------------------------------------------------
-# DMD
-# ----------------------------------------------------------------------------------------
-
-
-def check_dmd_generator_loss(f):
-    wide = GaussianMixture(MIX.means, std=0.2)  # the generator's distribution: its exact denoiser is mu_fake
-    g = torch.Generator().manual_seed(4)
-    x = wide.sample(256, g)[0].requires_grad_(True)
-    labels = torch.full((256,), NULL)
-    t, eps = 0.05 + 0.9 * torch.rand(256, generator=g), torch.randn(256, 2, generator=g)
-    (grad,) = torch.autograd.grad(f(x, MIX.denoiser, wide.denoiser, labels, t=t, eps=eps), x)
-    x_t = diffuse(x.detach(), t, eps)
-    mu_real, mu_fake = MIX.denoiser(x_t, t, labels), wide.denoiser(x_t, t, labels)
-    expected = (mu_fake - mu_real) / (x.detach() - mu_real).abs().mean(1, keepdim=True)
-    yield close("the loss's gradient in x (times its numel) is (mu_fake - mu_real) / mean|x - mu_real|",
-                expected, grad * x.numel(), 1e-4)
-    (same,) = torch.autograd.grad(f(x, MIX.denoiser, MIX.denoiser, labels, t=t, eps=eps), x)
-    yield close("the gradient is 0 when the fake score equals the real one", torch.zeros_like(same), same, 0)
-    seen = []
-
-    def recording(z_t, t, c):
-        seen.append(t)
-        return MIX.denoiser(z_t, t, c)
-
-    f(x, recording, wide.denoiser, labels)
-    t_drawn = seen[0]
-    yield (f"without t, t ~ U[0.02, 0.98] per sample: drew {t_drawn.numel()} in "
-           f"[{t_drawn.min():.3f}, {t_drawn.max():.3f}]",
-           t_drawn.numel() == 256 and t_drawn.min() >= 0.02 and t_drawn.max() <= 0.98 and t_drawn.std() > 0.1, "")
-
-
-def check_fake_score_loss(f):
-    torch.manual_seed(5)
-    from common import Denoiser
-
-    fake = Denoiser(MLPDenoiserNet(NULL, hidden=32, depth=2))
-    x, labels = MIX.sample(128)[0].requires_grad_(True), torch.full((128,), NULL)
-    torch.manual_seed(6)
-    loss = f(fake, x, labels)
-    torch.manual_seed(6)
-    yield close("Alg. 1's denoising loss of the fake score on the samples (same t and eps)",
-                diffusion_loss(fake, x.detach(), labels), loss.detach(), 1e-6)
-    grads = torch.autograd.grad(loss, [x, *fake.parameters()], allow_unused=True)
-    into_x = 0.0 if grads[0] is None else grads[0].abs().max().item()
-    yield ("no gradient reaches the generator's samples x (they are detached)", into_x == 0.0,
-           f"|d loss / d x| = {into_x:.2g}")
-    learns = any(g is not None and g.abs().sum() > 0 for g in grads[1:])
-    yield "the fake score's parameters get a gradient", learns, ""
-
-
-def check_generate(f):
-    calls = []
-
-    def recording_generator(z_t, t, labels):
-        calls.append((t[0].item(), z_t.clone()))
-        return torch.ones_like(z_t)  # always predicts x = 1
-
-    torch.manual_seed(7)
-    z, c = torch.randn(100_000, 2), torch.zeros(100_000, dtype=torch.long)
-    x = f(recording_generator, z, c, 4)
-    times = [t for t, _ in calls]
-    yield f"K = 4: calls at t = 1, 0.75, 0.5, 0.25; got {times}", times == [1.0, 0.75, 0.5, 0.25], ""
-    yield "the first call sees the pure noise z", bool(calls) and torch.equal(calls[0][1], z), ""
-    yield "the sample is the last x prediction", torch.equal(x, torch.ones_like(z)), ""
-    if len(calls) > 1:
-        a = math.cos(math.pi * 0.75 / 2)
-        yield close(f"step 1 starts from alpha x + sigma eps, x = 1: mean alpha_0.75 = {a:.3f}",
-                    torch.full((2,), a), calls[1][1].mean(0), 0.02)
-        first = calls[1][1]
-        calls.clear()
-        f(recording_generator, z, c, 4)
-        fresh = len(calls) > 1 and not torch.equal(first, calls[1][1])
-        yield "fresh noise at every re-noising (two runs differ)", fresh, ""
-    calls.clear()
-    z_k, t_k = f(recording_generator, z, c, 4, first=2)
-    yield (f"first=2: stops before step 2 and returns its input z at t_2 = 0.5 (got t = {t_k})",
-           t_k == 0.5 and len(calls) == 2 and z_k.shape == z.shape, "")
-
-
-# ----------------------------------------------------------------------------------------
-# DisBack
-# ----------------------------------------------------------------------------------------
-
-
-def check_snapshot_index(f):
-    expected = [4, 4, 4, 3, 3, 3, 2, 2, 2, 1, 1, 1, 0, 0, 0, 0]
-    got = [f(step, 5, 3) for step in range(16)]
-    yield f"N = 5, interval 3: s'_4 three times, then s'_3, ..., then the teacher s'_0: got {got}", got == expected, ""
-    got = [f(step, 0, 3) for step in range(5)]
-    yield f"no snapshots: the teacher from the start: got {got}", got == [0] * 5, ""
-
-
-CHECKS = {name: globals()[f"check_{name}"] for topic in TOPICS.values() for _, name in topic[1]}
-
-
-# ----------------------------------------------------------------------------------------
-# Running them
-# ----------------------------------------------------------------------------------------
-
-
-def run(name: str, function) -> list[tuple[str, bool, str]]:
-    """Every check of one exercise; a stub or a crash is one failed check, never a traceback."""
+def run(name: str, function) -> list[Result]:
+    """Every check of one exercise, each on its own: a failure or a crash in one does not stop the others.
+    An untouched stub fails them all."""
     results = []
-    try:
-        for result in CHECKS[name](function):
-            results.append(result)
-    except NotImplementedError as e:  # the untouched stub
-        results.append((str(e), False, ""))
-    except Exception as e:  # noqa: BLE001 - a student's bug is a failed check with its message
-        results.append((f"{name} raised {type(e).__name__}: {e}", False, ""))
+    code = getattr(inspect.unwrap(function), "__code__", None)
+    CURRENT.update(name=name, file=code.co_filename if code is not None else "")
+    for what, check_ in CHECKS[name]:
+        torch.manual_seed(0)
+        try:
+            with others_by_hand(name, function):
+                detail = check_(function)
+            results.append(Result(what, True, detail, "pass"))
+        except Stub as e:
+            results += [Result(w, False, str(e), "stub") for w, _ in CHECKS[name][len(results):]]
+            break
+        except Fail as e:
+            results.append(Result(what, False, str(e), "fail"))
+        except Crash as e:
+            results.append(Result(what, False, f"your code raised {e}", "crash"))
+        except Exception as e:  # noqa: BLE001 - the checker's own error: never the student's
+            line = where(e, checker_files())
+            results.append(Result(what, False, f"error in the checker, not in your code: {type(e).__name__}: "
+                                                f"{e}{line}", "error"))
     return results
 
 
-def implementations(topic: str, reference: bool):
-    """{function: the student's (exercises/<topic>.py) or the repository's implementation}."""
+def implementations(topic: str, reference: bool = False, folder: Path = HERE) -> dict:
+    """{function: the student's (<folder>/<topic>.py) or, with `reference`, the repository's implementation}."""
     functions = TOPICS[topic][1]
     if reference:
         return {name: getattr(importlib.import_module(module), name) for module, name in functions}
-    path = HERE / f"{topic}.py"
+    path = Path(folder) / f"{topic}.py"
     spec = importlib.util.spec_from_file_location(f"exercise_{topic}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return {name: getattr(module, name) for _, name in functions}
+    return {name: getattr(module, name, None) for _, name in functions}  # None: not in the file
 
 
-def check_topic(topic: str, impl: dict) -> list[tuple[str, str, bool, str]]:
-    return [(name, *r) for name, function in impl.items() for r in run(name, function)]
+def grade(topics: list[str], reference: bool = False, folder: Path = HERE) -> dict:
+    """Every check of every function in `topics`: {function: {"topic", "results", "passed", "checks", "score"}}."""
+    report = {}
+    for topic in topics:
+        message = ""
+        try:
+            impl = implementations(topic, reference, folder)
+        except Exception as e:  # noqa: BLE001 - a syntax error or a bad import in the student's file
+            what = "the reference code cannot be imported (a handout?)" if reference else f"{topic}.py cannot be loaded"
+            message = f"{what}: {type(e).__name__}: {e}{where(e, {str(Path(folder) / f'{topic}.py')})}"
+            impl = {name: None for _, name in TOPICS[topic][1]}
+        for name, function in impl.items():
+            if function is None:  # the file did not load, or it has no function of that name
+                why = message or f"{topic}.py has no function {name} (keep the names and signatures)"
+                results = [Result(what, False, why, "crash") for what, _ in CHECKS[name]]
+            else:
+                results = run(name, function)
+            passed = sum(r.passed for r in results)
+            report[name] = {"topic": topic, "results": results, "passed": passed, "checks": len(results),
+                            "score": passed / len(results)}
+    return report
+
+
+def summary(report: dict) -> dict:
+    results = [r for entry in report.values() for r in entry["results"]]
+    return {"score": round(sum(e["score"] for e in report.values()), 4), "out_of": len(report),
+            "checks_passed": sum(r.passed for r in results), "checks": len(results),
+            "checker_errors": sum(r.status == "error" for r in results)}
+
+
+def as_json(report: dict) -> dict:
+    return {**summary(report),
+            "functions": {name: {"topic": e["topic"], "score": round(e["score"], 4), "passed": e["passed"],
+                                 "checks": e["checks"],
+                                 "results": [{"check": r.what, "passed": r.passed, "status": r.status,
+                                              "detail": r.detail} for r in e["results"]]}
+                          for name, e in report.items()}}
+
+
+def print_report(report: dict) -> None:
+    for name, entry in report.items():
+        print(f"{entry['topic']}.{name}: {entry['passed']}/{entry['checks']} checks")
+        results = entry["results"]
+        if len({(r.status, r.detail) for r in results}) == 1 and not results[0].passed:  # a stub, or a file not loaded
+            print(f"  FAIL  {results[0].detail}")
+            continue
+        for r in results:
+            mark = {"pass": "pass", "error": "ERROR"}.get(r.status, "FAIL")
+            print(f"  {mark:5} {r.what}" + (f"\n        {r.detail}" if r.detail and not r.passed else ""))
+    s = summary(report)
+    print(f"score {s['score']:.2f} / {s['out_of']} (each function counts 1); "
+          f"{s['checks_passed']} of {s['checks']} checks passed")
+    if s["checker_errors"]:
+        print(f"{s['checker_errors']} checks hit an error in the checker itself (not counted as yours; please report)")
 
 
 def main(argv: list[str]) -> int:
-    reference = "--reference" in argv
-    topics = [a for a in argv if not a.startswith("--")] or list(TOPICS)
+    reference, as_json_ = "--reference" in argv, "--json" in argv
+    folder, rest = HERE, []
+    args = iter(argv)
+    for a in args:
+        if a in ("--help", "-h"):
+            print(__doc__)
+            return 0
+        if a == "--from":
+            folder = next(args, None)
+            if folder is None or not Path(folder).is_dir():
+                print("error: --from needs the folder of the <topic>.py files to grade"
+                      + (f"; {folder} is not a folder" if folder is not None else ""))
+                return 2
+            folder = Path(folder)
+        elif not a.startswith("-"):
+            rest.append(a)
+        elif a not in ("--reference", "--json"):
+            print(f"error: unknown option {a}; see `python exercises/check.py --help`")
+            return 2
+    topics = rest or list(TOPICS)
     unknown = [t for t in topics if t not in TOPICS]
     if unknown:
         print(f"error: unknown exercise {unknown[0]!r}; choose from {', '.join(TOPICS)}")
         return 2
-    passed = failed = 0
-    for topic in topics:
-        try:
-            impl = implementations(topic, reference)
-        except Exception as e:  # noqa: BLE001 - a syntax error in the student's file
-            print(f"{topic}: exercises/{topic}.py cannot be loaded: {type(e).__name__}: {e}")
-            failed += 1
-            continue
-        current = None
-        for name, what, ok, detail in check_topic(topic, impl):
-            if name != current:
-                print(f"{topic}.{name}")
-                current = name
-            print(f"  {'pass' if ok else 'FAIL'}  {what}" + (f"  ({detail})" if detail else ""))
-            passed, failed = passed + ok, failed + (not ok)
-    print(f"{passed} passed, {failed} failed")
-    return 0 if failed == 0 else 1
+    torch.set_num_threads(1)  # the checks are small: one thread is faster than two that wait for each other
+    report = grade(topics, reference, folder)
+    if as_json_:
+        print(json.dumps(as_json(report), indent=1))
+    else:
+        print_report(report)
+    s = summary(report)
+    return 2 if s["checker_errors"] else 0 if s["checks_passed"] == s["checks"] else 1
 
 
 if __name__ == "__main__":

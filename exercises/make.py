@@ -5,16 +5,30 @@ Each exercise is a function of the reference code whose body sits between nbgrad
 docstring) into `exercises/<topic>.py` with that body replaced by a stub that raises
 "not implemented yet", and imports whatever else the body may use from the reference modules.
 
-    python exercises/make.py            # rewrite every exercise file
-    python exercises/make.py --check    # exit 1 if a file differs from what would be written
+    python exercises/make.py                  # rewrite the exercise files that are unedited
+    python exercises/make.py --force          # also overwrite edited ones (their answers are lost)
+    python exercises/make.py --check          # exit 1 if a file differs from what would be written
+    python exercises/make.py --handout DIR    # a student copy without the answers (below)
+
+An exercise file carries the fingerprint of the text make.py wrote; a file whose text no longer matches
+it has been edited (someone's answers), and make.py leaves it alone unless told `--force`.
+
+The handout, DIR/, holds DIR/README.md and DIR/exercises/: the stubs, the checker (its three files,
+CHECKER: check.py, checks.py and closed_forms.py, which need only torch and use their own closed forms)
+and toolkit.py, the helpers that the stubs import (copied from the reference code: `diffuse`, `bcast`,
+`guided`, ...). No reference body is in it: where a helper calls an exercise (`diffuse` calls
+`alpha_sigma`), toolkit.py calls the student's own function.
 """
 
 from __future__ import annotations
 
 import ast
 import builtins
+import hashlib
 import importlib
 import inspect
+import re
+import shutil
 import sys
 import textwrap
 import types
@@ -22,25 +36,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from exercises.check import TOPICS  # noqa: E402
+
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
-
-# topic: (what it covers, [(module, function), ...]); the checker (check.py) has the same topics.
-TOPICS = {
-    "basics": ("the cosine schedule, the DDIM step, its inversion and classifier-free guidance "
-               "(docs/methods.md section 0)",
-               [("common", "alpha_sigma"), ("common", "ddim_step"), ("common", "invert_ddim"), ("common", "cfg")]),
-    "progressive": ("progressive distillation's target and loss weighting (PD Alg. 2; docs/methods.md section 1)",
-                    [("progressive_distill", "pd_target"), ("progressive_distill", "snr_weight")]),
-    "guided": ("guided distillation's stage-one target and the stochastic sampler's re-noising step "
-               "(Meng et al.; docs/methods.md section 2)",
-               [("guided_distill", "guided_target"), ("guided_distill", "renoise")]),
-    "dmd": ("DMD's distribution-matching gradient, the fake score's loss and the K-step generator "
-            "(Yin et al., DMD2; docs/methods.md section 3)",
-            [("dmd", "dmd_generator_loss"), ("dmd", "fake_score_loss"), ("dmd", "generate")]),
-    "disback": ("DisBack's backtracking schedule of real scores (Zhang et al.; docs/methods.md section 4)",
-                [("disback", "snapshot_index")]),
-}
-
+REFERENCE_MODULES = ("common", "dmd", "guided_distill", "progressive_distill", "disback")
+EXERCISES = {name: (module, topic) for topic, (_, functions) in TOPICS.items() for module, name in functions}
+CHECKER = ("check.py", "checks.py", "closed_forms.py")  # the checker's files, copied into the handout as they are
+FINGERPRINT = re.compile(r"fingerprint ([0-9a-f]{12})")
+PLACEHOLDER = "fingerprint ............"
 
 # Shapes and a hint for each exercise, written above its stub.
 HINTS = {
@@ -48,27 +54,41 @@ HINTS = {
                     "_as_time(t) makes an fp32 tensor of it; clamp alpha at 0."],
     "ddim_step": ["x_hat, z_t: (B, ...); t, s: floats or (B,) tensors. _coeffs(t, z_t) gives alpha_t,",
                   "sigma_t shaped to broadcast against z_t. First the noise the step keeps: eps_hat."],
-    "invert_ddim": ["z_t, z_s: (B, ...). Solve the DDIM step z_s = alpha_s x + sigma_s (z_t - alpha_t x) / sigma_t",
-                    "for x."],
+    "invert_ddim": ["z_t, z_s: (B, ...); t, s: floats or (B,) tensors (_coeffs). Solve the DDIM step",
+                    "z_s = alpha_s x + sigma_s (z_t - alpha_t x) / sigma_t for x."],
     "cfg": ["w is a float or a (B,) tensor: bcast(_as_time(w, x_cond), x_cond) shapes it for x (B, ...)."],
     "pd_target": ["t (B,) on the student's N-step grid: t' = t - 0.5 / N, t'' = t - 1 / N. Two teacher DDIM",
                   "steps (ddim_step), then invert_ddim from z_t to z_t''. No gradient reaches the teacher."],
     "snr_weight": ["SNR = exp(logsnr(t)); truncated-snr is max(SNR, 1), snr+1 is SNR + 1; other names are errors."],
-    "guided_target": ["guided(teacher, w, null_label) makes a guided denoiser (two calls of the teacher)."],
+    "guided_target": ["guided(teacher, w, teacher.null_label) makes a guided denoiser (two calls of the teacher);",
+                      "w is a float or a (B,) tensor."],
     "renoise": ["s < t are floats; alpha_sigma(s), alpha_sigma(t). The variance of z_t given z_s is",
                 "sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2."],
-    "dmd_generator_loss": ["Draw t ~ U[DM_T_MIN, DM_T_MAX] and eps when not given; both scores without gradient,",
-                           "normaliser per sample over all but the batch dimension; the loss's gradient in x is grad",
-                           "divided by x.numel() (a mean): 0.5 * (x - (x - grad).detach())^2, averaged."],
+    "dmd_generator_loss": ["Draw t ~ U[DM_T_MIN, DM_T_MAX] (one per sample) and eps ~ N(0, I) when not given; both",
+                           "scores without gradient, at x_t = diffuse(x, t, eps), with the given labels; the",
+                           "normaliser per sample over all but the batch dimension, clamped at NORMALISER_EPS",
+                           "(adding it passes too); the loss's gradient in x is grad / x.numel() (a mean)."],
     "fake_score_loss": ["Alg. 1's loss (diffusion_loss) on the generator's samples, with no gradient into them."],
-    "generate": ["times = generator_times(steps); predict x at each t_k; re-noise it with fresh noise",
-                 "(torch.randn_like) to the next time with diffuse; with first=k return (z, t_k) before step k."],
+    "generate": ["times = generator_times(steps); predict x at each t_k (t as a (B,) tensor); re-noise it with",
+                 "diffuse to the next time with fresh noise (torch.randn_like) at every step; with first=k",
+                 "return (z, t_k) before step k."],
     "snapshot_index": ["N - 1 for the first `interval` updates, then one less every `interval`, never below 0."],
 }
 
 
-def stub(function, topic: str) -> tuple[str, set[str]]:
-    """The function's source with its marked body replaced by a stub, and the global names it uses."""
+def global_names(source: str) -> set[str]:
+    """The names a function's or class's source reads that are neither its own, its arguments nor builtins."""
+    tree = ast.parse(textwrap.dedent(source))
+    node = tree.body[0]
+    local = {a.arg for a in ast.walk(node) if isinstance(a, ast.arg)} | {node.name}
+    local |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return used - local - set(dir(builtins))
+
+
+def stub(function, topic: str, answer: bool = False) -> tuple[str, set[str]]:
+    """The function's source with its marked body replaced by a stub (or, with `answer`, kept without the
+    markers), and the global names it uses."""
     source = inspect.getsource(function)
     lines = source.splitlines(keepends=True)
     begin = next(i for i, line in enumerate(lines) if line.strip() == BEGIN)
@@ -78,7 +98,7 @@ def stub(function, topic: str) -> tuple[str, set[str]]:
     pad = indent + " " * len("raise NotImplementedError(")
     raise_ = (f'{indent}raise NotImplementedError("not implemented yet: write {function.__name__} in '
               f'exercises/{topic}.py,"\n{pad}" then run `python exercises/check.py {topic}`")\n')
-    lines[begin:end + 1] = [*hint, raise_]
+    lines[begin:end + 1] = lines[begin + 1:end] if answer else [*hint, raise_]
     tree = ast.parse(source)
     fn = tree.body[0]
     local = {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)} | {fn.name}
@@ -86,51 +106,192 @@ def stub(function, topic: str) -> tuple[str, set[str]]:
     return "".join(lines), used - local - set(dir(builtins))
 
 
-def render(topic: str) -> str:
+def solution(name: str) -> str:
+    """The reference body of exercise `name`, between its markers (dedented)."""
+    source = inspect.getsource(getattr(importlib.import_module(EXERCISES[name][0]), name))
+    return textwrap.dedent(source.split(BEGIN, 1)[1].split(END, 1)[0].split("\n", 1)[1].rsplit("\n", 1)[0])
+
+
+def imported(module, ref: str):
+    """What `ref` in `module` is: ("module", name), or ("object", the module it comes from)."""
+    obj = getattr(module, ref)
+    if isinstance(obj, types.ModuleType):
+        return "module", obj.__name__
+    origin = getattr(obj, "__module__", None) if callable(obj) else None
+    return "object", origin if origin in REFERENCE_MODULES else module.__name__
+
+
+def module_line(alias: str, name: str) -> str:
+    return f"import {name}" if alias == name else f"import {name} as {alias}"
+
+
+def render(topic: str, handout: bool = False, answers: bool = False) -> str:
+    """exercises/<topic>.py: the stubs (or, with `answers`, the reference bodies), with the imports they need
+    from the reference modules, or in the handout from exercises/toolkit.py."""
     about, functions = TOPICS[topic]
-    bodies, imports, modules = [], {}, set()
+    bodies, imports, modules = [], {}, {}
     for module_name, name in functions:
         module = importlib.import_module(module_name)
-        text, used = stub(getattr(module, name), topic)
+        text, used = stub(getattr(module, name), topic, answers)
         bodies.append(text)
         for ref in sorted(used):
-            obj = getattr(module, ref, None)
-            if isinstance(obj, types.ModuleType):
-                modules.add(obj.__name__)
-            elif obj is not None:
-                origin = getattr(obj, "__module__", None) if callable(obj) else None
-                source = origin if origin in ("common", "dmd", "guided_distill", "progressive_distill", "disback") \
-                    else module_name
-                imports.setdefault(source, set()).add(ref)
+            if getattr(module, ref, None) is None:
+                continue
+            kind, source = imported(module, ref)
+            if kind == "module":
+                modules[ref] = source
+            else:
+                imports.setdefault("exercises.toolkit" if handout else source, set()).add(ref)
     names = {name for _, name in functions}
     title = textwrap.fill(f"Exercises: {about}.", 100)
+    origin = ("Part of the handout: everything imported below is in exercises/toolkit.py and may be used;\n"
+              "the exercises it needs from other files are yours. Keep the signatures.\n" if handout else
+              f"Generated by `python exercises/make.py` from the repository's own code ({PLACEHOLDER}:\n"
+              "make.py rewrites this file only while it is unedited, or with --force). Keep the signatures;\n"
+              "everything imported below is the reference code and may be used.\n")
     header = [f'"""{title}\n\nWrite the body of each function below from its docstring, then check it:\n\n'
-              f"    python exercises/check.py {topic}\n\n"
-              "Generated by `python exercises/make.py` from the repository's own code. Keep the signatures;\n"
-              'everything imported below is the reference code and may be used.\n"""\n\n',
-              "from __future__ import annotations\n\n"]
-    header += [f"import {m}  # noqa: F401\n" for m in sorted(modules)]
+              f"    python exercises/check.py {topic}        (or: python exercises/{topic}.py)\n\n"
+              f'{origin}"""\n\n',
+              "from __future__ import annotations\n\nimport sys\nfrom pathlib import Path\n\n"
+              "sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the folder above exercises/\n\n"]
+    header += [f"{module_line(alias, m)}  # noqa: E402, F401\n" for alias, m in sorted(modules.items())]
     header.append("\n" if modules else "")
     for source in sorted(imports):
         refs = sorted(imports[source] - names)
         if refs:
-            header.append(f"from {source} import {', '.join(refs)}  # noqa: F401\n")
-    return "".join(header) + "\n\n" + "\n\n".join(bodies)
+            header.append(f"from {source} import {', '.join(refs)}  # noqa: E402, F401\n")
+    footer = (f'\n\nif __name__ == "__main__":  # python exercises/{topic}.py: check this file\n'
+              "    from exercises.check import main\n\n"
+              f'    raise SystemExit(main(["{topic}"]))\n')
+    text = "".join(header) + "\n\n" + "\n\n".join(bodies) + footer
+    return text if handout else text.replace(PLACEHOLDER, f"fingerprint {digest(text)}")
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(FINGERPRINT.sub(PLACEHOLDER, text).encode()).hexdigest()[:12]
+
+
+def unedited(text: str) -> bool:
+    """Whether an exercise file is still the text make.py wrote (its fingerprint matches)."""
+    found = FINGERPRINT.search(text)
+    return found is not None and found.group(1) == digest(text)
+
+
+def toolkit() -> str:
+    """exercises/toolkit.py of the handout: every helper the stubs import, copied from the reference code with
+    what it needs in turn; an exercise that a helper calls is a forwarder to the student's function."""
+    queue = []
+    for topic, (_, functions) in TOPICS.items():
+        for module_name, name in functions:
+            module = importlib.import_module(module_name)
+            queue += [(ref, module_name) for ref in stub(getattr(module, name), topic)[1]
+                      if getattr(module, ref, None) is not None]
+    modules, constants, definitions, forwarders, seen = {}, {}, {}, {}, set()
+    while queue:
+        ref, module_name = queue.pop()
+        if ref in seen:
+            continue
+        seen.add(ref)
+        module = importlib.import_module(module_name)
+        obj = getattr(module, ref, None)
+        if obj is None:
+            continue
+        if ref in EXERCISES:
+            forwarders[ref] = EXERCISES[ref][1]
+        elif isinstance(obj, types.ModuleType):
+            modules[ref] = obj.__name__
+        elif inspect.isfunction(obj) or inspect.isclass(obj):
+            home = obj.__module__
+            source = inspect.getsource(obj)
+            assert BEGIN not in source, f"{ref} holds a solution"
+            definitions[ref] = source
+            queue += [(name, home) for name in global_names(source)]
+        else:
+            constants[ref] = repr(obj)
+    lines = ['"""The helpers that the exercises may use, copied from the reference code of the repository.\n\n'
+             "The exercises themselves are not here: where a helper needs one (`diffuse` calls `alpha_sigma`,\n"
+             "`guided` calls `cfg`), it calls yours, from exercises/<topic>.py.\n"
+             '"""\n\nfrom __future__ import annotations\n\n']
+    lines += [module_line(alias, m) + "\n" for alias, m in sorted(modules.items(), key=lambda kv: kv[1])]
+    lines += ["\n"] + [f"{name} = {value}\n" for name, value in sorted(constants.items())]
+    for name, topic in sorted(forwarders.items()):
+        lines.append(f'\n\ndef {name}(*args, **kwargs):\n    """Yours: `{name}` from exercises/{topic}.py."""\n'
+                     f"    from exercises.{topic} import {name} as yours\n\n    return yours(*args, **kwargs)\n")
+    lines += [f"\n\n{definitions[name]}" for name in sorted(definitions)]
+    return "".join(lines)
+
+
+HANDOUT_README = """# Exercises: write the heart of each paper, get a verdict in seconds
+
+Twelve functions at the core of progressive distillation, guided distillation, DMD and DisBack, each
+to be written from its signature and docstring (the equation, the shapes, a hint) in
+`exercises/<topic>.py`. A checker grades them against its own closed-form answers on a CPU in a few
+seconds: no GPU, no training, only PyTorch (`pip install torch`).
+
+```bash
+python exercises/check.py basics         # after writing the functions in exercises/basics.py
+python exercises/check.py                # every topic
+python exercises/check.py --json         # the same for an autograder
+```
+
+{table}
+
+Each function has a fixed list of checks and scores the fraction that passes (an untouched stub
+scores 0); the total is out of the number of functions graded. The exit code is 0 only when every
+check passes. A crash in your code is reported with its line, and the other checks still run.
+
+Each function is graded on its own: while the checker grades `pd_target`, the `ddim_step` it calls
+is the checker's own. In your code it is yours: `exercises/toolkit.py` holds the helpers you may use
+(`diffuse`, `bcast`, `guided`, ...), and where one needs an exercise (`diffuse` needs
+`alpha_sigma`) it calls your function. Write `basics` first.
+"""
+
+
+def handout(folder: Path) -> list[Path]:
+    """Write the student copy to `folder`: README.md and exercises/ (stubs, checker, toolkit)."""
+    out = Path(folder) / "exercises"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = ["| topic | functions | what it covers |", "|---|---|---|"]
+    rows += [f"| `{topic}` | {', '.join(f'`{n}`' for _, n in fs)} | {about} |" for topic, (about, fs) in TOPICS.items()]
+    written = {out / f"{topic}.py": render(topic, handout=True) for topic in TOPICS}
+    written[out / "toolkit.py"] = toolkit()
+    written[Path(folder) / "README.md"] = HANDOUT_README.format(table="\n".join(rows))
+    for path, text in written.items():
+        path.write_text(text)
+    for name in CHECKER:
+        shutil.copyfile(HERE / name, out / name)
+    return [*written, *(out / name for name in CHECKER)]
 
 
 def main(argv: list[str]) -> int:
-    sys.path.insert(0, str(ROOT))
-    stale = []
+    if "--handout" in argv:
+        i = argv.index("--handout")
+        if i + 1 >= len(argv):
+            print("error: --handout needs a folder: python exercises/make.py --handout DIR")
+            return 2
+        for path in handout(Path(argv[i + 1])):
+            print(f"wrote {path}")
+        return 0
+    stale, kept = [], []
     for topic in TOPICS:
         path, text = HERE / f"{topic}.py", render(topic)
+        old = path.read_text() if path.exists() else None
+        if old == text:
+            continue
         if "--check" in argv:
-            if not path.exists() or path.read_text() != text:
-                stale.append(path.name)
+            stale.append(path.name)
+        elif old is not None and not unedited(old) and "--force" not in argv:
+            kept.append(path.name)
         else:
             path.write_text(text)
             print(f"wrote {path.relative_to(ROOT)}")
     if stale:
-        print(f"error: {', '.join(stale)} differ from the reference code; run `python exercises/make.py`")
+        print(f"error: {', '.join(stale)} differ from what `python exercises/make.py` writes from the reference code")
+        return 1
+    if kept:
+        print(f"error: {', '.join(kept)} have been edited since make.py wrote them (your answers?) and were left as "
+              "they are. Copy them elsewhere first, then run `python exercises/make.py --force` to overwrite them; "
+              "`python exercises/check.py --from FOLDER` grades the copies.")
         return 1
     return 0
 
