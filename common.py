@@ -177,7 +177,10 @@ def cfg(x_cond: torch.Tensor, x_uncond: torch.Tensor, w) -> torch.Tensor:
 
 
 def guided(denoiser, w: float, null_label: int):
-    """A denoiser that applies classifier-free guidance with weight w (two network calls)."""
+    """A denoiser that applies classifier-free guidance with weight w (two network calls; one at w = 0,
+    where cfg's (1 + w) x_cond - w x_uncond is x_cond exactly)."""
+    if isinstance(w, (int, float)) and w == 0:
+        return denoiser
 
     def guided_denoiser(z_t, t, labels):
         x_cond = denoiser(z_t, t, labels)

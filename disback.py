@@ -60,6 +60,7 @@ class DisBackConfig(DMDConfig):
     PRESETS: ClassVar[dict] = {
         # Toy: a slow rate makes the path gradual; the teacher is reached after 9 x 100 of DMD's 4000 updates.
         "toy": dict(record_lr=1e-5, interval=100),
+        "fmnist16": dict(snapshots=5, record_iterations=200, record_lr=2e-4, interval=60),
         "fmnist": dict(interval=500),
     }
 

@@ -57,7 +57,7 @@ import torch.nn as nn
 
 from common import (EMA, UserError, check_same_teacher, ddim_sample, diffuse, diffusion_loss, guided, no_grad_fp32,
                     pick_device, run_cli, seed_everything, trainable_copy)
-from plumbing.config import parse_config, require
+from plumbing.config import parse_config, require, sample_shape
 from plumbing.distributed import per_process
 from plumbing.image_metrics import load_lpips
 from plumbing.loop import Loop
@@ -97,6 +97,9 @@ class DMDConfig(TeacherConfig):
         "toy": dict(dmd_iterations=4000, dmd_batch_size=256, gen_lr=4e-3, fake_lr=4e-3, fake_updates=5,
                     reg_weight=4.0, reg_loss="mse", reg_pairs=8192, reg_steps=256, gen_ema=0.99,
                     dmd_label_dropout=1.0, eval_every=500),
+        # 2 CPU cores: a regression set of 2000 16-step pairs and two fake-score updates per generator update.
+        "fmnist16": dict(dmd_iterations=600, dmd_batch_size=64, gen_lr=2e-4, fake_lr=2e-4, fake_updates=2,
+                         reg_weight=1.0, reg_loss="mse", reg_pairs=2000, reg_steps=16, gen_ema=0.999, eval_every=100),
         "fmnist": dict(dmd_iterations=20_000, dmd_batch_size=128, fake_updates=5, reg_loss="pseudo-huber",
                        reg_pairs=10_000, gen_ema=0.999, eval_every=2000),
     }
@@ -220,7 +223,7 @@ def regression_pairs(teacher, config: DMDConfig, device) -> dict:
     def make():
         g = torch.Generator().manual_seed(config.seed + 777)
         n, batch = config.reg_pairs, 1024 if config.net == "mlp" else 256
-        shape = (2,) if config.net == "mlp" else (config.in_ch, 32, 32)
+        shape = sample_shape(config)
         z, labels, ys = torch.randn(n, *shape, generator=g), sample_labels(n, config, g), []
         for i in progress(range(0, n, batch), f"regression set ({config.reg_steps}-step teacher DDIM)"):
             with no_grad_fp32():  # targets in fp32
@@ -254,7 +257,7 @@ def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 def noise_and_labels(config: DMDConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of generator inputs: z ~ N(0, I) and labels (null w.p. dmd_label_dropout); under torchrun,
     this process's share of the batch (plumbing/distributed.py)."""
-    n, shape = per_process(config.dmd_batch_size), (2,) if config.net == "mlp" else (config.in_ch, 32, 32)
+    n, shape = per_process(config.dmd_batch_size), sample_shape(config)
     return torch.randn(n, *shape, device=device), sample_labels(n, config).to(device)
 
 

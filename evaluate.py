@@ -6,6 +6,7 @@ at the step counts it supports on the shared evaluation noise, and writes
 
     runs/<preset>/results.md           method, steps, network calls per sample, quality, samples/s
     runs/<preset>/quality_vs_steps.png quality against network calls, one line per method
+    runs/<preset>/side_by_side.png     images: the same noise and labels through each method, one row each
     runs/<preset>/evaluation/          the samples behind every row
 
 It trains nothing: a method without a checkpoint is listed as missing, with the command that
@@ -32,13 +33,13 @@ from typing import ClassVar
 
 import torch
 
-from common import (Denoiser, UserError, check_compatible, ddim_sample, frozen_denoiser, load_checkpoint, pick_device,
-                    run_cli)
+from common import (Denoiser, UserError, check_compatible, ddim_sample, fingerprint, frozen_denoiser, load_checkpoint,
+                    pick_device, run_cli)
 from plumbing import distributed
-from plumbing.config import NetworkConfig, parse_config, require
+from plumbing.config import NetworkConfig, parse_config, require, sample_shape
 from plumbing.image_metrics import image_quality
 from plumbing.metrics import evaluate_sampler
-from plumbing.training import prepare_network, samples_per_second, save_figure
+from plumbing.training import prepare_network, samples_per_second, save_figure, seeded_rng
 from train_teacher import TeacherConfig, load_teacher
 
 
@@ -53,6 +54,7 @@ class EvalConfig(TeacherConfig):
 
     PRESETS: ClassVar[dict] = {
         "toy": dict(num_samples=2000, speed_batch=2000, teacher_steps=[1, 2, 4, 8, 16, 64, 256]),
+        "fmnist16": dict(num_samples=2000, teacher_steps=[1, 2, 4, 8, 16, 64, 256]),
         "fmnist": dict(num_samples=10_000),
     }
 
@@ -78,6 +80,7 @@ class Row:
     calls: int  # network calls per sample
     sample: object  # (z, labels, steps) -> x
     source: str
+    weights: str | None = None  # the sampler and its weights' fingerprint: a script's own measurement is re-used
     metrics: dict = field(default_factory=dict)
 
 
@@ -110,7 +113,7 @@ def prepared(model, config: EvalConfig, device):
 def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row], list[str]]:
     """Every sampler there is, and the methods that have no checkpoint yet."""
     out = Path(config.out_dir)
-    rows = [Row("teacher DDIM", n, n, ddim_sampler(teacher), config.teacher)
+    rows = [Row("teacher DDIM", n, n, ddim_sampler(teacher), config.teacher, f"ddim:{teacher.fingerprint}")
             for n in config.teacher_steps]
     missing = []
     for method, (pattern, command) in METHODS.items():
@@ -124,7 +127,8 @@ def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row],
                     n, trained = state["steps"], state["config"]
                     if method == "PD":
                         model = prepared(frozen_denoiser(config, state["model"], device), config, device)
-                        found.append(Row("PD", n, n, ddim_sampler(model), str(path)))
+                        found.append(Row("PD", n, n, ddim_sampler(model), str(path),
+                                         f"ddim:{fingerprint(model.state_dict())}"))
                         continue
                     w = config.guided_w
                     if not trained["w_min"] <= w <= trained["w_max"]:
@@ -149,7 +153,8 @@ def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row],
                 fn = generator_sampler(model)
                 name = f"{method}{f' ({tag})' if tag else ''}"
                 unfinished = state["step"] < state["config"]["dmd_iterations"]
-                found.append(Row(name + (f" [update {state['step']}]" if unfinished else ""), k, k, fn, str(path)))
+                found.append(Row(name + (f" [update {state['step']}]" if unfinished else ""), k, k, fn, str(path),
+                                 f"generator {k}:{fingerprint(model.state_dict())}"))
         if found:
             rows += found
         elif not any(m.startswith(pattern) for m in missing):
@@ -176,10 +181,9 @@ def evaluate_all(config: EvalConfig) -> dict:
     # Images: the offline classifier's Frechet distance and class accuracy (plumbing/image_metrics.py), on
     # num_samples class-balanced samples; an Inception FID that was asked for but is unavailable is an error.
     quality = None if toy else image_quality(config, device, strict=True)
-    measured = {**config, "eval_samples": config.num_samples if toy else 8 * config.num_classes,
-                "fd_samples": config.num_samples, "fd_max_steps": 10**9}
+    measured = {**config, "eval_samples": config.num_samples, "fd_max_steps": 10**9}
     out = Path(config.out_dir)
-    shape = (2,) if toy else (config.in_ch, 32, 32)
+    shape = sample_shape(config)
     g = torch.Generator().manual_seed(config.eval_seed + 2)
     z_speed = torch.randn(config.speed_batch, *shape, generator=g).to(device)  # the same batch for every method
     c_speed = (torch.full((len(z_speed),), config.num_classes) if toy
@@ -187,11 +191,13 @@ def evaluate_all(config: EvalConfig) -> dict:
     for row in rows:
         folder = out / "evaluation" / slug(row)
         row.metrics = evaluate_sampler(row.sample, measured, folder, [row.steps], device,
-                                       title=f"{row.method} ")[row.steps]
+                                       title=f"{row.method} ", weights=row.weights)[row.steps]
         row.metrics["samples_per_s"] = samples_per_second(lambda r=row: r.sample(z_speed, c_speed, r.steps),
                                                           len(z_speed), device, repeats=3)
         print(f"  {row.method:<24} {row.steps:>4} steps  " + "  ".join(
             f"{k} {v:.4g}" for k, v in row.metrics.items() if isinstance(v, float)))
+    if not toy:
+        side_by_side(config, rows, out / "side_by_side.png", device)
     seconds = time.perf_counter() - start
     write_results(config, rows, missing, device, seconds, quality)
     plot_quality(config, rows, out / "quality_vs_steps.png")
@@ -260,6 +266,40 @@ def device_name(device) -> str:
     import platform
 
     return f"{device.type} ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+SIDE_BY_SIDE = [("teacher DDIM", 64), ("teacher DDIM", 4), ("PD", 4), ("guided", 4), ("DMD", 1), ("DisBack", 1)]
+
+
+@torch.no_grad()
+def side_by_side(config: EvalConfig, rows: list[Row], png: Path, device, per_class: int = 2) -> None:
+    """One row of samples per method in SIDE_BY_SIDE that was found, all from the same noise and labels
+    (every class in turn, `per_class` times over), so that differences are the methods' own."""
+    from matplotlib.figure import Figure
+
+    picked = [next((r for r in rows if r.method.split(" [")[0].startswith(name) and r.steps == steps), None)
+              for name, steps in SIDE_BY_SIDE]
+    picked = [r for r in picked if r is not None]
+    if not picked or not distributed.is_main():
+        return
+    g = torch.Generator().manual_seed(config.eval_seed + 3)
+    n = per_class * config.num_classes
+    z = torch.randn(n, *sample_shape(config), generator=g).to(device)
+    labels = (torch.arange(n) % config.num_classes).to(device)  # (n,): as guided_sampler's labels_for
+    fig = Figure(figsize=(0.5 * n + 1.6, 0.55 * len(picked) + 0.3))
+    axes = fig.subplots(len(picked), 1, squeeze=False)[:, 0]
+    for ax, row in zip(axes, picked):
+        with seeded_rng(config.eval_seed, device):  # DMD2's K-step generator draws noise between steps
+            x = row.sample(z, labels, row.steps).float().cpu().clamp(-1, 1)  # (n, C, H, W)
+        strip = torch.cat(list(x * 0.5 + 0.5), dim=-1)  # (C, H, n * W): the samples side by side
+        ax.imshow(strip.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(f"{row.method.split(' (')[0]}\n{row.steps} step{'s' * (row.steps > 1)}", rotation=0,
+                      ha="right", va="center", fontsize=8)
+    fig.suptitle(f"{config.preset}: the same noise and labels through each method", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, png)
 
 
 def plot_quality(config: EvalConfig, rows: list[Row], png: Path) -> None:

@@ -45,7 +45,7 @@ import torch.nn as nn
 from common import (Denoiser, UserError, check_compatible, ddim_sample, ddim_step, diffuse, drop_labels,
                     frozen_denoiser, invert_ddim, load_checkpoint, logsnr, loss_by_t_bucket, no_grad_fp32,
                     pick_device, read_json, run_cli, seed_everything, trainable_copy)
-from plumbing.config import NetworkConfig, parse_config, require
+from plumbing.config import NetworkConfig, parse_config, require, sample_shape
 from plumbing.data import BatchStream
 from plumbing.loop import Ladder, Loop
 from plumbing.reports import evaluate_pd_student, plot_pd_quality, print_pd_round
@@ -70,6 +70,8 @@ class PDConfig(TeacherConfig):
     PRESETS: ClassVar[dict] = {
         # Toy: the unconditional model (its benchmark); batch 256 gives the students of 512 in half the time.
         "toy": dict(start_steps=64, round_iterations=2000, pd_lr=1e-3, pd_batch_size=256, pd_label_dropout=1.0),
+        # 2 CPU cores: 200 updates of about 0.3 s per halving (docs/results.md, images on the CPU).
+        "fmnist16": dict(start_steps=64, round_iterations=200, pd_lr=2e-4, pd_batch_size=64),
         "fmnist": dict(start_steps=256, round_iterations=5000, pd_lr=1e-4),
     }
     RESUMABLE: ClassVar[tuple] = ("to_steps",)  # a finished ladder can be continued to fewer steps
@@ -159,7 +161,7 @@ def load_student(path, config: PDConfig, device, w_embedding: bool = False) -> D
 def probe_noise(config: PDConfig, device) -> torch.Tensor:
     """Shared noise for the teacher-vs-student diagnostic: 256 toy points or 16 images."""
     g = torch.Generator().manual_seed(config.eval_seed)
-    shape = (256, 2) if config.net == "mlp" else (16, config.in_ch, 32, 32)
+    shape = (256 if config.net == "mlp" else 16, *sample_shape(config))
     return torch.randn(shape, generator=g).to(device)
 
 

@@ -42,7 +42,7 @@ from common import (EMA, Denoiser, UserError, check_compatible, ddim_sample, dif
 from plumbing.config import NetworkConfig, RunConfig, parse_config, require
 from plumbing.data import BatchStream, toy_dataset
 from plumbing.loop import Loop
-from plumbing.metrics import describe, evaluate_sampler
+from plumbing.metrics import describe, evaluate_sampler, is_measured, picture_count, within_share
 from plumbing.image_metrics import image_quality
 from plumbing.networks import build_network
 from plumbing.training import LogWriter, autocast, optimizer_step, prepare_network
@@ -66,6 +66,8 @@ class TeacherConfig(RunConfig):
         # Toy: labels dropped w.p. 0.3 so that the unconditional model, which the toy goals are stated for, is good.
         "toy": dict(batch_size=512, lr=1e-3, iterations=20_000, warmup=0, ema_decay=0.999, label_dropout=0.3,
                     hflip=False, dropout=0.1),
+        # 2 CPU cores: 1500 updates of 0.34 s; Adam 1e-3 and EMA 0.999 make a short run good (docs/results.md).
+        "fmnist16": dict(iterations=1500, lr=1e-3, warmup=100, ema_decay=0.999, hflip=False, dropout=0.1),
         "fmnist": dict(iterations=30_000, ema_decay=0.9995, hflip=False, dropout=0.1),
     }
     RESUMABLE: ClassVar[tuple] = ("iterations",)
@@ -109,9 +111,11 @@ def train_teacher(config: TeacherConfig, resume: bool = False) -> Path:
         grad_norm = optimizer_step(opt, loss, model, config.grad_clip)
         ema.update(model)
         loop.log(loss=loss, grad_norm=grad_norm, **loss_by_t_bucket(per_example, t))
-        if loop.due(config.sample_every) and config.net != "mlp":  # images: the EMA's 64-step DDIM, measured
-            with loop.off_the_clock():
-                result = evaluate_sampler(lambda z, c, n: ddim_sample(ema.model, z, n, c), config,
+        if loop.due(config.sample_every) and config.net != "mlp" and step + 1 < config.iterations:
+            # images: the EMA's 64-step DDIM, measured (the last update's is the final evaluation's)
+            with loop.off_the_clock():  # at most eval_share of the training since the last check
+                measured = within_share(config, [64], 3 * config.sample_every * config.batch_size)
+                result = evaluate_sampler(lambda z, c, n: ddim_sample(ema.model, z, n, c), measured,
                                           teacher_dir(config) / f"during/{step + 1:07d}", [64], device)[64]
                 loop.extra.setdefault("history", []).append({"step": step + 1, **result})
                 loop.write(f"  update {step + 1}: DDIM 64 steps {describe(result)}")
@@ -124,8 +128,6 @@ def evaluate_teacher(config: dict, device: torch.device) -> dict:
     teacher = load_teacher(config, device, train_if_missing=False)
     out = teacher_dir(config)
     timings = {}
-    if config.net != "mlp":  # images: say what the measurement costs before it starts
-        print(evaluation_cost(config))
 
     def sample(z, labels, steps):
         t0 = time.perf_counter()
@@ -136,15 +138,21 @@ def evaluate_teacher(config: dict, device: torch.device) -> dict:
         return x
 
     start = time.perf_counter()
-    results = evaluate_sampler(sample, config, out, config.eval_steps, device, title="teacher DDIM ")
     state = load_checkpoint(config.teacher, "teacher checkpoint")
+    measured = within_share(config, config.eval_steps, training_calls(config, state["step"]))
+    if config.net != "mlp":  # images: say what the measurement costs before it starts
+        print(evaluation_cost(measured, training_calls(config, state["step"])))
+    results = evaluate_sampler(sample, measured, out, config.eval_steps, device, title="teacher DDIM ",
+                               weights=f"ddim:{teacher.fingerprint}")  # evaluate.py reads these back
     metrics = {"preset": config.preset, "sampler": "ddim", "unconditional": config.net == "mlp",
                "train_time_s": round(state.get("seconds", state.get("train_time", 0.0)), 1),  # (older files)
                "eval_time_s": round(state.get("eval_seconds", 0.0) + time.perf_counter() - start, 1),
                "iterations": state["step"], "device": str(device),
                "ddim": {str(k): {**v, "sample_time_s": round(timings[k], 3)} for k, v in results.items()},
                "history": state.get("extra", {}).get("history", [])}  # images: the 64-step DDIM while training
-    if config.net != "mlp" and config.fd_samples > 0:  # the metric's own quality, to judge it by
+    if results.get(64) and config.net != "mlp":  # the last update's point: the final evaluation's own
+        metrics["history"].append({"step": state["step"], **results[64]})
+    if config.net != "mlp" and config.fd_max_steps > 0:  # the metric's own quality, to judge it by
         metrics["classifier"] = image_quality(config, device).info
     if config.data == "gaussians8":  # the same DDIM with the exact denoiser: the best any teacher can do
         exact = toy_dataset("gaussians8").denoiser
@@ -155,14 +163,17 @@ def evaluate_teacher(config: dict, device: torch.device) -> dict:
     return metrics
 
 
-def evaluation_cost(config: TeacherConfig) -> str:
-    """The teacher's image evaluation in network calls, beside its training's (a step costs about three
-    calls: forward and backward)."""
-    n = max(config.eval_samples, config.fd_samples)
-    calls = sum(steps * (n if steps <= config.fd_max_steps else config.eval_samples) for steps in config.eval_steps)
-    training = 3 * config.iterations * config.batch_size
-    return (f"measuring the teacher's DDIM at {config.eval_steps} steps on {n} samples: {calls:,} network calls, "
-            f"{calls / training:.0%} of its training's ~{training:,} (--fd-samples and --eval-steps set it)")
+def training_calls(config: TeacherConfig, iterations: int) -> int:
+    """Alg. 1's cost in network calls: an update costs about three (forward and backward)."""
+    return 3 * iterations * config.batch_size
+
+
+def evaluation_cost(config: dict, training: int) -> str:
+    """The teacher's image evaluation in network calls, beside its training's."""
+    n = config["eval_samples"]
+    calls = sum(steps * (n if is_measured(config, steps) else picture_count(config)) for steps in config["eval_steps"])
+    return (f"measuring the teacher's DDIM at {config['eval_steps']} steps on {n} samples: {calls:,} network calls, "
+            f"{calls / training:.0%} of its training's ~{training:,} (--eval-samples and --eval-steps set it)")
 
 
 def load_teacher(config: TeacherConfig, device: torch.device, train_if_missing: bool = True) -> Denoiser:

@@ -13,8 +13,9 @@ only what a preset changes:
     PDConfig.from_preset("toy", round_iterations=500)   # toy values, then field overrides
     parse_config(PDConfig, __doc__)                # the same from the command line
 
-Presets: toy (2-D data, an MLP, the CPU), fmnist (Fashion-MNIST, a small UNet), cifar10 (DDPM's
-UNet, the papers' settings), auto (cifar10 where CUDA is available, otherwise toy).
+Presets: toy (2-D data, an MLP, the CPU), fmnist16 (Fashion-MNIST at 16x16, a 0.7M UNet, 2 CPU cores),
+fmnist (Fashion-MNIST at 32x32, a small UNet, a GPU), cifar10 (DDPM's UNet, the papers' settings),
+auto (cifar10 where CUDA is available, otherwise toy).
 
 A config also reads like the dict it is saved as (`config["lr"]`, `{**config}`), so the plumbing
 and the checkpoints need not care which script made it. Whether a checkpoint fits a run is
@@ -36,7 +37,7 @@ import torch
 
 from plumbing.training import UserError
 
-PRESET_NAMES = ["auto", "toy", "fmnist", "cifar10"]
+PRESET_NAMES = ["auto", "toy", "fmnist16", "fmnist", "cifar10"]
 DATA_INFO = {"gaussians8": (8, 2), "moons": (2, 2), "fmnist": (10, 1), "cifar10": (10, 3)}  # (classes, channels)
 
 
@@ -132,9 +133,12 @@ class NetworkConfig(Config):
     ch_mult: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 2, 2])  # UNet channel multipliers
     num_res_blocks: int = 2           # UNet residual blocks per resolution
     attn_res: list[int] = dataclasses.field(default_factory=lambda: [16])  # UNet resolutions with self-attention
+    image_size: int = 32              # images: height and width; the data are resized to it (area average)
 
     PRESETS: ClassVar[dict] = {
         "toy": dict(data="gaussians8", net="mlp"),
+        # 0.70M parameters; an update at batch 128 takes 0.34 s on 2 idle CPU cores (docs/results.md).
+        "fmnist16": dict(data="fmnist", image_size=16, channels=32, ch_mult=[1, 2], num_res_blocks=1, attn_res=[8]),
         "fmnist": dict(data="fmnist", channels=64, ch_mult=[1, 2, 2]),
     }
 
@@ -147,6 +151,19 @@ class NetworkConfig(Config):
         require(self.data in DATA_INFO, f"unknown data set {self.data!r}; choose one of {', '.join(DATA_INFO)}")
         require((self.data in ("gaussians8", "moons")) == (self.net == "mlp"),
                 f"--net {self.net} does not fit --data {self.data}: toy data uses --net mlp, images --net unet")
+        levels = 2 ** (len(self.ch_mult) - 1)  # the UNet halves the size between levels
+        require(self.net == "mlp" or (self.image_size >= levels and self.image_size % levels == 0),
+                f"--image-size {self.image_size} cannot be halved {len(self.ch_mult) - 1} times by the UNet "
+                f"(--ch-mult {' '.join(map(str, self.ch_mult))}); use a multiple of {levels}")
+
+
+def sample_shape(config: dict) -> tuple:
+    """The shape of one sample: (2,) for toy points, (channels, image_size, image_size) for images.
+    Every sampler, evaluation and noise draw takes its shape from here."""
+    if config["net"] == "mlp":
+        return (2,)
+    size = config.get("image_size") or 32  # (checkpoints made before the field existed were 32x32)
+    return (config["in_ch"], size, size)
 
 
 @dataclass
@@ -160,10 +177,10 @@ class RunConfig(NetworkConfig):
     teacher: str | None = None        # teacher checkpoint (default <out_dir>/teacher.pt)
     seed: int = 0                     # seed for weights, noise and data order
     eval_steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 8, 64, 256])  # DDIM steps measured
-    eval_samples: int = 64            # samples per measurement
+    eval_samples: int = 1000          # samples per measurement: toy points, or class-balanced images (FD, accuracy)
     eval_seed: int = 1234             # seed of the evaluation noise (the same in every script)
-    fd_samples: int = 1000            # images: samples per Frechet distance at each evaluation (0: pictures only)
-    fd_max_steps: int = 256           # images: samplers with more steps get pictures only (FD costs steps x fd_samples)
+    fd_max_steps: int = 256           # images: samplers with more steps get pictures only (0: pictures only)
+    eval_share: float = 0.5           # images: the teacher's measurements cost at most this share of its training
     classifier_steps: int = 5000      # images: training steps of the offline feature classifier (cached in out_dir)
     inception: bool = True            # images: also Inception FID where torch-fidelity and its weights are available
     log_every: int = 500              # updates between log lines
@@ -174,6 +191,9 @@ class RunConfig(NetworkConfig):
 
     PRESETS: ClassVar[dict] = {
         "toy": dict(eval_samples=2000, sample_every=5000, classifier_steps=0, inception=False),
+        # 2 CPU cores: a 64-step measurement of 2000 samples takes about 95 s, so 256 steps get pictures only.
+        "fmnist16": dict(eval_samples=2000, eval_steps=[1, 2, 4, 8, 16, 64, 256], fd_max_steps=64, log_every=50,
+                         ckpt_every=250, sample_every=750, classifier_steps=2000, inception=False),
         "fmnist": dict(log_every=200, ckpt_every=2000, sample_every=5000, classifier_steps=3000, inception=False),
     }
 
@@ -185,13 +205,15 @@ class RunConfig(NetworkConfig):
 
     def check(self) -> None:
         super().check()
-        for name in ("eval_samples", "log_every", "ckpt_every", "sample_every", "fd_max_steps"):
+        for name in ("eval_samples", "log_every", "ckpt_every", "sample_every"):
             require(self[name] >= 1, f"--{name.replace('_', '-')} must be at least 1, got {self[name]}")
+        require(self.eval_share >= 0, f"--eval-share must be 0 (no cap) or more, got {self.eval_share}")
+        require(self.fd_max_steps >= 0, f"--fd-max-steps must be 0 (pictures only) or more, got {self.fd_max_steps}")
         require(all(s >= 1 for s in self.eval_steps), "--eval-steps must all be at least 1")
-        require(self.fd_samples == 0 or self.fd_samples >= 2,
-                f"--fd-samples must be 0 or at least 2, got {self.fd_samples}")
-        require(self.net == "mlp" or self.fd_samples == 0 or self.classifier_steps >= 1,
-                "--classifier-steps must be at least 1 for image metrics (or pass --fd-samples 0)")
+        require(self.net == "mlp" or self.eval_samples >= 2,
+                f"--eval-samples must be at least 2 for a Frechet distance, got {self.eval_samples}")
+        require(self.net == "mlp" or self.fd_max_steps == 0 or self.classifier_steps >= 1,
+                "--classifier-steps must be at least 1 for image metrics (or pass --fd-max-steps 0)")
 
 
 # ----------------------------------------------------------------------------------------

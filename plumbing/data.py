@@ -102,8 +102,23 @@ def toy_dataset(name: str):
 
 
 # ----------------------------------------------------------------------------------------
-# Images: uint8 tensors (N, C, 32, 32) and int64 labels, held in memory
+# Images: uint8 tensors (N, C, H, W) and int64 labels, held in memory
 # ----------------------------------------------------------------------------------------
+
+
+def load_images(config: dict, train: bool = True):
+    """The config's image data set at its `image_size`: (N, C, S, S) uint8 and (N,) labels.
+
+    Both data sets are stored at 32x32; another size is made by area averaging (16x16: the mean
+    of each 2x2 block), rounded back to uint8."""
+    loader = {"fmnist": load_fashion_mnist, "cifar10": load_cifar10}[config["data"]]
+    x, labels = loader(config.get("data_dir"), train=train)
+    size = config.get("image_size") or 32
+    if size != x.shape[-1]:
+        mode = "area" if size < x.shape[-1] else "bilinear"
+        x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode=mode)  # (N, C, size, size)
+        x = x.round().clamp(0, 255).to(torch.uint8)
+    return x, labels
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -201,8 +216,7 @@ class BatchStream:
         if self.toy:
             self.dataset = toy_dataset(config["data"])
         else:
-            loader = {"fmnist": load_fashion_mnist, "cifar10": load_cifar10}[config["data"]]
-            self.images, self.labels = loader(config.get("data_dir"))
+            self.images, self.labels = load_images(config)
             self.perm = self._permutation()
 
     def _permutation(self) -> torch.Tensor:
@@ -222,7 +236,7 @@ class BatchStream:
         self.pos += self.batch_size
         flip = torch.rand(len(idx), generator=self.generator) < 0.5 if self.flip else None
         idx = shard(idx)
-        x = self.images[idx].to(self.device).float() / 127.5 - 1.0  # (B / world, C, 32, 32) in [-1, 1]
+        x = self.images[idx].to(self.device).float() / 127.5 - 1.0  # (B / world, C, H, W) in [-1, 1]
         if flip is not None:
             x = torch.where(shard(flip).to(self.device)[:, None, None, None], x.flip(3), x)
         return x, self.labels[idx].to(self.device)

@@ -37,7 +37,8 @@ def _fid_class():
 
 
 class FeatureClassifier(nn.Module):
-    """(B, C, 32, 32) in [-1, 1] -> 10 logits; `features` gives the 128-d penultimate layer."""
+    """(B, C, H, W) in [-1, 1] -> class logits; `features` gives the 128-d penultimate layer.
+    Any size of at least 4x4 (the shapes below are for 32x32; the last pooling averages what is left)."""
 
     num_features = 128
 
@@ -66,7 +67,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, steps: int, dev
     """Adam, cross-entropy, random batches of the given (uint8 or [-1, 1]) images."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = FeatureClassifier(images.shape[1]).to(device)
+    model = FeatureClassifier(images.shape[1], int(labels.max()) + 1).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in progress(range(steps), "feature classifier"):
         idx = torch.randint(len(labels), (batch_size,), generator=g)
@@ -88,20 +89,21 @@ def classifier_accuracy(model: FeatureClassifier, images: torch.Tensor, labels: 
 
 def load_classifier(config: dict, device, steps: int) -> tuple[FeatureClassifier, dict]:
     """The preset's classifier, trained on the training set once and cached in out_dir."""
-    from plumbing.data import load_cifar10, load_fashion_mnist
+    from plumbing.data import load_images
 
     path = Path(config["out_dir"]) / "feature_classifier.pt"
+    size = config.get("image_size") or 32
     distributed.barrier()  # under torchrun every rank looks at once, so that all take the same path
     state = load_checkpoint(path, "feature classifier") if path.exists() else None
-    if state is not None and state["info"]["steps"] == steps:  # trained with these settings: reuse it
-        model = FeatureClassifier(config["in_ch"])
+    if state is not None and (state["info"]["steps"], state["info"].get("image_size", 32)) == (steps, size):
+        model = FeatureClassifier(config["in_ch"], config["num_classes"])  # trained with these settings: reuse it
         model.load_state_dict(state["model"])
         return model.to(device).eval().requires_grad_(False), state["info"]
-    loader = {"fmnist": load_fashion_mnist, "cifar10": load_cifar10}[config["data"]]
-    x_train, y_train = loader(config.get("data_dir"))
-    x_test, y_test = loader(config.get("data_dir"), train=False)
+    x_train, y_train = load_images(config)
+    x_test, y_test = load_images(config, train=False)
     model = train_classifier(x_train, y_train, steps, device, seed=config["seed"])
-    info = {"steps": steps, "seed": config["seed"], "test_accuracy": classifier_accuracy(model, x_test, y_test)}
+    info = {"steps": steps, "seed": config["seed"], "image_size": size,
+            "test_accuracy": classifier_accuracy(model, x_test, y_test)}
     save_checkpoint(path, {"model": model.state_dict(), "info": info})
     return model, info
 
@@ -213,10 +215,10 @@ class ImageQuality:
     """
 
     def __init__(self, config: dict, device, strict: bool = False):
-        from plumbing.data import load_cifar10, load_fashion_mnist
+        from plumbing.data import load_images
 
         self.classifier, self.info = load_classifier(config, device, config["classifier_steps"])
-        real = {"fmnist": load_fashion_mnist, "cifar10": load_cifar10}[config["data"]](config.get("data_dir"))[0]
+        real = load_images(config)[0]
         out = Path(config["out_dir"])
         self.distances = {"fd_classifier": CachedFrechet("classifier", real, out / "reference_classifier.pt", device,
                                                          self.classifier, made_by={**self.info, "n_real": len(real)})}

@@ -7,12 +7,14 @@ judged by how far above the floor it lands, not by the raw value.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import ot
 import torch
 
+from plumbing.config import sample_shape
 from plumbing.data import GaussianMixture
 
 MMD_BANDWIDTHS = (0.02, 0.05, 0.1, 0.2)  # the scales of gaussians8 (std 0.08) and moons
@@ -134,6 +136,58 @@ def describe(result: dict) -> str:
 
 
 IMAGE_BATCH = 250  # images sampled at once for a measurement
+PICTURE_ROWS = 8  # rows of the sample grids: one column per class
+
+
+def picture_count(config: dict) -> int:
+    """How many images a sample grid shows (the first ones of the evaluation noise)."""
+    return min(config["eval_samples"], PICTURE_ROWS * config["num_classes"])
+
+
+def within_share(config: dict, steps_list, training_calls: float) -> dict:
+    """Images: `config` with `eval_samples` lowered so that measuring `steps_list` costs at most `eval_share`
+    of `training_calls` network calls (a whole number of samples per class, at least two per class), with a
+    note saying so. A short run's evaluation stays in proportion to it; toy data and `eval_share` 0 are
+    left alone."""
+    if config["net"] == "mlp" or not config["eval_share"]:
+        return config
+    per_sample = sum(s for s in steps_list if is_measured(config, s))  # network calls per measured sample
+    allowed = int(config["eval_share"] * training_calls / max(per_sample, 1))
+    if allowed >= config["eval_samples"]:
+        return config
+    classes = config["num_classes"]
+    n = max(2 * classes, allowed - allowed % classes)
+    print(f"note: measuring {n} samples instead of {config['eval_samples']}, so that the evaluation "
+          f"({per_sample * n:,} network calls) stays near {config['eval_share']:.0%} of the training's "
+          f"~{int(training_calls):,} (--eval-share 0 measures all)")
+    return {**config, "eval_samples": n}
+
+
+def measurement_key(config: dict, device, weights: str, steps: int, n: int) -> str:
+    """What a stored image measurement must match: the weights and sampler, the steps, the noise and the
+    sample count, and the metric (the feature classifier and the real images' count)."""
+    from plumbing.image_metrics import image_quality
+
+    info = image_quality(config, device).info
+    metric = f"classifier {info['steps']}/{info['seed']}/{info['test_accuracy']:.6f}/{info['n_real']}"
+    return f"{weights} steps {steps} n {n} seed {config['eval_seed']} {metric} inception {config['inception']}"
+
+
+def read_measurements(config: dict) -> dict:
+    path = Path(config["out_dir"]) / "measurements.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_measurement(config: dict, key: str, result: dict) -> None:
+    from plumbing.training import write_json  # atomic, by rank 0 under torchrun
+
+    write_json(Path(config["out_dir"]) / "measurements.json", {**read_measurements(config), key: result})
+
+
+def is_measured(config: dict, steps: int) -> bool:
+    """Whether a sampler of `steps` steps is measured (toy: always; images: up to `fd_max_steps` steps,
+    above them it gets a picture only)."""
+    return config["net"] == "mlp" or steps <= config["fd_max_steps"]
 
 
 def in_batches(sample, z: torch.Tensor, labels: torch.Tensor, device, batch: int = IMAGE_BATCH,
@@ -150,15 +204,21 @@ def in_batches(sample, z: torch.Tensor, labels: torch.Tensor, device, batch: int
     return distributed.gather(torch.cat(parts) if parts else torch.empty(0, *z.shape[1:]))
 
 
-def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: str = "") -> dict:
+def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: str = "",
+                     weights: str | None = None) -> dict:
     """Sample with `sample(z, labels, steps) -> x` at each step count, on the noise every
     script shares (seeded by `eval_seed`; any noise the sampler draws itself is seeded too), and measure.
 
     Toy data: `eval_samples` unconditional samples (null label), `toy_metrics`, `samples_<steps>.npz`,
-    and one scatter picture `samples.png`. Images: `fd_samples` class-balanced samples in batches,
+    and one scatter picture `samples.png`. Images: `eval_samples` class-balanced samples in batches,
     `plumbing.image_metrics.ImageQuality` (Frechet distance, class accuracy), and a grid
-    `samples_<steps>.png` of the first `eval_samples`, one column per class; a sampler of more than
+    `samples_<steps>.png` of the first `picture_count`, one column per class; a sampler of more than
     `fd_max_steps` steps gets the grid only. Returns {steps: metrics}.
+
+    `weights` (images): what is sampled, e.g. "ddim:" and the `fingerprint` of the weights. A measurement
+    of the same weights at the same steps, noise, sample count and metric is then kept in the run folder's
+    `measurements.json` and read back instead of made again (evaluate.py re-uses the scripts' own); the
+    grid is drawn anew.
     """
     from common import save_image_grid, save_scatter
     from plumbing.data import toy_dataset
@@ -169,10 +229,14 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
     toy = config["net"] == "mlp"
     results, panels = {}, {}
     for steps in steps_list:
-        measured = toy or (config["fd_samples"] > 0 and steps <= config["fd_max_steps"])
-        n = config["eval_samples"] if toy else max(config["eval_samples"], config["fd_samples"] if measured else 0)
+        measured = is_measured(config, steps)
+        n = config["eval_samples"] if measured else picture_count(config)
+        key = None if toy or not measured or weights is None else measurement_key(config, device, weights, steps, n)
+        known = read_measurements(config).get(key) if key else None
         g = torch.Generator().manual_seed(config["eval_seed"])
-        z = torch.randn((n, 2) if toy else (n, config["in_ch"], 32, 32), generator=g)
+        z = torch.randn((n, *sample_shape(config)), generator=g)
+        if known is not None:  # measured before: only the picture is drawn
+            z = z[:picture_count(config)]
         labels = torch.full((n,), config["num_classes"]) if toy else torch.arange(n) % config["num_classes"]
         # (toy: unconditional, the null label; images: every class equally often)
         # Samplers that draw fresh noise between steps (DMD2's multi-step generator) draw it from the
@@ -189,8 +253,13 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
         else:
             from plumbing.image_metrics import image_quality
 
-            save_image_grid(x[:config["eval_samples"]], out_dir / f"samples_{steps}.png", nrow=config["num_classes"])
-            results[steps] = image_quality(config, device)(x, labels) if measured else {}
+            save_image_grid(x[:picture_count(config)], out_dir / f"samples_{steps}.png", nrow=config["num_classes"])
+            if known is not None:
+                results[steps] = known
+            else:
+                results[steps] = image_quality(config, device)(x, labels) if measured else {}
+                if key:
+                    write_measurement(config, key, results[steps])
     if toy:
         reference = toy_dataset(config["data"]).sample(config["eval_samples"], torch.Generator().manual_seed(0))[0]
         save_scatter(panels, out_dir / "samples.png", reference=reference.numpy())

@@ -1,4 +1,4 @@
-"""The two v-predicting networks: a DDPM/PD-style UNet for 32x32 images and a small MLP
+"""The two v-predicting networks: a DDPM/PD-style UNet for images (32x32 by default) and a small MLP
 for 2-D toy data. Both are called as `net(z_t, t, labels, w=None) -> v_hat`, with
 t of shape (B,) in [0, 1], labels (B,) ints where `num_classes` is the null label, and w
 an optional guidance weight (B,) read only once `enable_w_embedding()` has been called.
@@ -80,7 +80,7 @@ class MLPDenoiserNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# 32x32 images (DDPM / PD style)
+# Images (DDPM / PD style)
 # ----------------------------------------------------------------------------------------
 
 
@@ -135,7 +135,7 @@ class UNet(nn.Module):
     def __init__(self, num_classes: int, in_ch: int = 3, channels: int = 128, ch_mult=(1, 2, 2, 2),
                  num_res_blocks: int = 2, attn_res=(16,), dropout: float = 0.1, resolution: int = 32):
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes, self.resolution = num_classes, resolution
         emb = 4 * channels
         self.cond = Conditioning(channels, emb, num_classes)
         self.stem = nn.Conv2d(in_ch, channels, 3, padding=1)
@@ -172,8 +172,11 @@ class UNet(nn.Module):
         self.cond.enable_w_embedding()
 
     def forward(self, z_t, t, labels, w=None):
+        if z_t.shape[-2:] != (self.resolution, self.resolution):  # attention sits at sizes counted from it
+            raise ValueError(f"this UNet was built for {self.resolution}x{self.resolution} inputs, "
+                             f"got {tuple(z_t.shape[-2:])} (set --image-size)")
         emb = self.cond(t, labels, w)  # (B, 4 * channels)
-        h = self.stem(z_t)  # (B, channels, 32, 32)
+        h = self.stem(z_t)  # (B, channels, H, W)
         hs = [h]
         for layer in self.down:
             if isinstance(layer, nn.ModuleList):
@@ -191,7 +194,7 @@ class UNet(nn.Module):
                     h = block(h, emb)
             else:
                 h = layer(h)  # upsample: H, W double
-        return self.out(h)  # (B, in_ch, 32, 32)
+        return self.out(h)  # (B, in_ch, H, W)
 
 
 def build_network(config: dict) -> nn.Module:
@@ -200,4 +203,5 @@ def build_network(config: dict) -> nn.Module:
         return MLPDenoiserNet(config["num_classes"], hidden=config["hidden"], depth=config["depth"])
     return UNet(config["num_classes"], in_ch=config["in_ch"], channels=config["channels"],
                 ch_mult=tuple(config["ch_mult"]), num_res_blocks=config["num_res_blocks"],
-                attn_res=tuple(config["attn_res"]), dropout=config["dropout"])
+                attn_res=tuple(config["attn_res"]), dropout=config["dropout"],
+                resolution=config.get("image_size") or 32)  # attention placed by the real input size

@@ -18,11 +18,13 @@ import torch
 
 from common import Denoiser, ddim_sample, diffuse, guided, read_json, save_image_grid, save_scatter, write_json
 from plumbing import distributed
+from plumbing.config import sample_shape
 from plumbing.data import toy_dataset
 from plumbing.image_metrics import image_quality
-from plumbing.metrics import (IMAGE_BATCH, describe, evaluate_sampler, in_batches, quality_key, reference_metrics,
-                              sampler_floor)
-from plumbing.training import samples_per_second, save_figure
+from plumbing.metrics import (IMAGE_BATCH, describe, evaluate_sampler, in_batches, is_measured, measurement_key,
+                              picture_count, quality_key, read_measurements, reference_metrics, sampler_floor,
+                              write_measurement)
+from plumbing.training import fingerprint, samples_per_second, save_figure
 from train_teacher import load_teacher, teacher_dir
 
 # ==== What every report shares ======================================================================================
@@ -57,7 +59,8 @@ def evaluate_pd_student(student: Denoiser, steps: int, config: dict, device, out
     """The student's metrics (`evaluate_sampler`) and pictures, with the time they took (`eval_time_s`)."""
     with Stopwatch() as watch:
         result = evaluate_sampler(lambda z, c, n: ddim_sample(student, z, n, c), config, out / f"student_{steps}",
-                                  [steps], device, title="PD student ")[steps]
+                                  [steps], device, title="PD student ",
+                                  weights=f"ddim:{fingerprint(student.state_dict())}")[steps]
     return {**result, "eval_time_s": round(watch.seconds, 1)}
 
 
@@ -96,9 +99,9 @@ def plot_pd_quality(metrics: dict, png: Path) -> None:
 class GuidedEvaluator:
     """Samples a student at each w in `eval_ws` on the shared evaluation noise and measures it. Toy data:
     against the guided teacher's 256-step DDIM at that w (with that sampler's floor: a second draw of it).
-    Images: the offline classifier's Frechet distance to the data and class accuracy (`fd_samples`
+    Images: the offline classifier's Frechet distance to the data and class accuracy (`eval_samples`
     class-balanced samples; pictures only above `fd_max_steps` steps). Also measures the guided
-    teacher's own DDIM at the student's step count."""
+    teacher's own DDIM at the student's step count (images: at the last round's, and at 64 steps)."""
 
     def __init__(self, teacher: Denoiser, config: dict, device, out: Path, resume: bool = False):
         import guided_distill as gd  # the sampler, the w binding and the class-balanced labels
@@ -106,8 +109,8 @@ class GuidedEvaluator:
         self.gd = gd
         self.teacher, self.config, self.device, self.out = teacher, config, device, out
         self.toy = config["net"] == "mlp"
-        n = config["eval_samples"] if self.toy else max(config["eval_samples"], config["fd_samples"])
-        shape = (n, 2) if self.toy else (n, config["in_ch"], 32, 32)
+        n = config["eval_samples"]
+        shape = (n, *sample_shape(config))
         g = torch.Generator().manual_seed(config["eval_seed"])
         self.z, self.z2 = (torch.randn(shape, generator=g) for _ in range(2))
         self.labels = gd.labels_for(n, config, "cpu")
@@ -118,8 +121,7 @@ class GuidedEvaluator:
 
     def draw(self, sample, z: torch.Tensor, steps: int) -> torch.Tensor:
         """`sample(z, labels) -> x` on the evaluation noise: all of it where it is measured, else a picture's worth."""
-        measured = self.toy or (self.config["fd_samples"] > 0 and steps <= self.config["fd_max_steps"])
-        n = len(z) if measured else min(len(z), self.config["eval_samples"])
+        n = len(z) if is_measured(self.config, steps) else picture_count(self.config)
         return in_batches(sample, z[:n], self.labels[:n], self.device, n if self.toy else IMAGE_BATCH)
 
     def guided_teacher(self, w: float, z: torch.Tensor, steps: int) -> torch.Tensor:
@@ -139,9 +141,25 @@ class GuidedEvaluator:
         w_max, labels = self.config["w_max"], self.gd.labels_for(z.shape[0], self.config, z.device)
         return ddim_sample(self.gd.at_w(model, w_max), z, steps, labels)
 
+    def measure_teacher(self, w: float, steps: int) -> dict:
+        """The guided teacher's DDIM at w; on images kept in the run folder's measurements.json (at w = 0 it
+        is the teacher's own DDIM, which train_teacher.py has measured on the same noise)."""
+        key = None
+        if not self.toy and is_measured(self.config, steps):
+            sampler = "ddim" if w == 0 else f"guided ddim w {w:g}"
+            key = measurement_key(self.config, self.device, f"{sampler}:{self.teacher.fingerprint}", steps,
+                                  self.config["eval_samples"])
+            known = read_measurements(self.config).get(key)
+            if known is not None:
+                return known
+        result = self.measure(self.guided_teacher(w, self.z, steps), w)
+        if key:
+            write_measurement(self.config, key, result)
+        return result
+
     def measure(self, x: torch.Tensor, w: float) -> dict:
         if not self.toy:  # against the data: guidance trades diversity for class fidelity, which FD shows
-            measured = self.config["fd_samples"] > 0 and len(x) >= self.config["fd_samples"]
+            measured = self.config["fd_max_steps"] > 0 and len(x) >= self.config["eval_samples"]
             return image_quality(self.config, self.device)(x, self.labels[:len(x)]) if measured else {}
         ref, floor = self.reference(w)
         return reference_metrics(x.numpy(), ref.numpy(), floor, self.mixture)
@@ -157,9 +175,13 @@ class GuidedEvaluator:
             ws = [self.config["single_w"]]  # the single-w baseline is measured at its own w
         results, panels = {sampler: {} for sampler in samplers}, {}
         for w in ws:
-            if str(steps) not in self.teacher_rows.get(f"{w:g}", {}):
-                x = self.guided_teacher(w, self.z, steps)
-                self.teacher_rows.setdefault(f"{w:g}", {})[str(steps)] = self.measure(x, w)
+            # Images, where the guided teacher's 2 calls per step dominate the cost: it is measured at 64 steps
+            # once per w (the reference) and at the last round's step count; toy data: at every step count.
+            last = self.toy or steps == self.config["to_steps"]
+            reference = [] if self.toy else [min(self.gd.IMAGE_REFERENCE_STEPS, self.config["fd_max_steps"])]
+            for n in {steps if last else 0, *reference}:
+                if n and str(n) not in self.teacher_rows.get(f"{w:g}", {}):
+                    self.teacher_rows.setdefault(f"{w:g}", {})[str(n)] = self.measure_teacher(w, n)
             for sampler in samplers:
                 g = torch.Generator().manual_seed(self.config["eval_seed"] + 1)  # the stochastic sampler's noise
                 x = self.draw(lambda z_b, c_b, w=w, sampler=sampler, g=g: self.gd.sample(student, z_b, c_b, w, steps,
@@ -168,7 +190,7 @@ class GuidedEvaluator:
                 if self.toy:
                     panels[f"w = {w:g}, {sampler}"] = x
                 else:
-                    save_image_grid(x[:self.config["eval_samples"]], folder / f"w{w:g}_{sampler}.png",
+                    save_image_grid(x[:picture_count(self.config)], folder / f"w{w:g}_{sampler}.png",
                                     nrow=self.config["num_classes"])
             if self.toy:
                 panels[f"w = {w:g}, guided teacher {self.gd.REFERENCE_STEPS}"] = self.reference(w)[0]
@@ -231,7 +253,7 @@ def save_dm_view(generator, real_score, fake_score, config: dict, device, png: P
     predictions from the same noised x_t (t = 0.25). Where they differ is where G is pushed."""
     g = torch.Generator().manual_seed(config["eval_seed"] + 1)
     n = 500 if config["net"] == "mlp" else 8
-    shape = (2,) if config["net"] == "mlp" else (config["in_ch"], 32, 32)
+    shape = sample_shape(config)
     from dmd import generate, sample_labels
 
     z, labels = torch.randn(n, *shape, generator=g).to(device), sample_labels(n, config, g).to(device)
@@ -264,7 +286,8 @@ class DMDMonitor:
             save_dm_view(generator, real_score, fake_score, self.config, self.device, folder / "dm_view.png")
         self.sampler.eval()
         result = evaluate_sampler(lambda z, c, n: generate(self.sampler, z, c, n), self.config, folder, [K],
-                                  self.device, title=f"DMD update {step}: ")[K]
+                                  self.device, title=f"DMD update {step}: ",
+                                  weights=f"generator {K}:{fingerprint(self.sampler.state_dict())}")[K]
         self.sampler.train()
         self.history.append({"step": step, **result})
         pictures = f"  (samples in {folder})" if self.config.net != "mlp" else ""
@@ -312,7 +335,7 @@ def sampling_speed(sampler, config: dict, device, teacher_steps: int = 256) -> d
 
     teacher = load_teacher(config, device, train_if_missing=False)
     n = 2000 if config["net"] == "mlp" else 64
-    shape = (2,) if config["net"] == "mlp" else (config["in_ch"], 32, 32)
+    shape = sample_shape(config)
     z = torch.randn(n, *shape, device=device)
     labels = torch.full((n,), config["num_classes"], device=device)
 

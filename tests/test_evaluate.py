@@ -87,8 +87,8 @@ def test_image_path_with_the_offline_classifier(tmp_path):
 
     write_fake_cifar(tmp_path / "data", n_per_batch=8)
     image = dict(out_dir=str(tmp_path), device="cpu", data_dir=str(tmp_path / "data"), channels=16, ch_mult=[1, 2],
-                 num_res_blocks=1, batch_size=4, iterations=4, eval_samples=4, eval_steps=[2], sample_every=2,
-                 log_every=2, ckpt_every=2, fd_samples=20, classifier_steps=5, inception=False)
+                 num_res_blocks=1, batch_size=4, iterations=4, eval_samples=20, eval_steps=[2], sample_every=2,
+                 log_every=2, ckpt_every=2, classifier_steps=5, inception=False)
     pd.progressive_distillation(pd.PDConfig.from_preset("cifar10", **image, start_steps=2, to_steps=1,
                                                         round_iterations=2, pd_batch_size=4))
     config = evaluate.EvalConfig.from_preset("cifar10", **image, num_samples=20, speed_batch=4, teacher_steps=[1, 2])

@@ -22,8 +22,8 @@ from plumbing.data import DEBIAN_FASHION_MNIST
 pytest.importorskip("torchmetrics")
 pytestmark = pytest.mark.slow
 
-TINY = ["--preset", "fmnist", "--device", "cpu", "--channels", "16", "--ch-mult", "1", "2", "--num-res-blocks", "1",
-        "--attn-res", "16", "--eval-samples", "20", "--fd-samples", "40", "--classifier-steps", "30",
+TINY = ["--preset", "fmnist16", "--device", "cpu", "--channels", "16", "--ch-mult", "1", "2", "--num-res-blocks", "1",
+        "--attn-res", "8", "--eval-samples", "40", "--eval-share", "0", "--classifier-steps", "30",
         "--log-every", "2", "--ckpt-every", "2", "--eval-steps", "1", "4", "--no-amp"]
 
 
@@ -78,7 +78,7 @@ def test_teacher_measures_fd_per_ddim_step_count(run):
         assert metrics["ddim"][steps]["n"] == 40
         assert (folder / "teacher" / f"samples_{steps}.png").is_file()
     assert 0 < metrics["classifier"]["test_accuracy"] <= 1  # the metric's own quality is reported
-    assert [h["step"] for h in metrics["history"]] == [4, 8] and "fd_classifier" in metrics["history"][0]
+    assert [h["step"] for h in metrics["history"]] == [4] and "fd_classifier" in metrics["history"][0]  # (no 64)
     assert metrics["eval_time_s"] > 0 and (folder / "teacher" / "loss.png").is_file()
     assert (folder / "feature_classifier.pt").is_file() and (folder / "reference_classifier.pt").is_file()
 
@@ -132,7 +132,80 @@ def test_evaluate_tables_every_student(run):
     rows = [line.split("|")[4:8] for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     cells = [cell.strip().rstrip("%") for row in rows for cell in row if cell.strip()]
     assert len(rows) == 7 and all(math.isfinite(float(cell)) for cell in cells)
-    assert (folder / "quality_vs_steps.png").is_file()
+    assert (folder / "quality_vs_steps.png").is_file() and (folder / "side_by_side.png").is_file()
+
+
+def test_a_measurement_is_reused_only_for_the_same_weights_steps_and_count(run):
+    # evaluate.py re-uses the scripts' own image measurements through measurements.json: a stored result
+    # comes back for the same weights string, steps and sample count, and nothing else matches it.
+    import torch
+
+    from plumbing.config import sample_shape
+    from plumbing.metrics import evaluate_sampler
+    from train_teacher import TeacherConfig
+
+    folder, args = run
+    config = TeacherConfig.from_preset("fmnist16", out_dir=str(folder), device="cpu", channels=16, ch_mult=[1, 2],
+                                       num_res_blocks=1, attn_res=[8], eval_samples=200, classifier_steps=30,
+                                       data_dir=args[args.index("--data-dir") + 1] if "--data-dir" in args else None)
+    drawn = []
+
+    def sample(z, labels, steps):  # a sampler whose images depend on a scale we change below
+        drawn.append(len(z))
+        return (scale * torch.linspace(-1, 1, z[0].numel())).reshape(1, *sample_shape(config)).expand(len(z), -1,
+                                                                                                       -1, -1)
+
+    scale = 1.0
+    first = evaluate_sampler(sample, config, folder / "reuse", [2], "cpu", weights="test:a")[2]
+    assert sum(drawn) == 200
+    scale = 0.5  # other images under the same name: the stored number comes back, only the picture is drawn
+    drawn.clear()
+    assert evaluate_sampler(sample, config, folder / "reuse", [2], "cpu", weights="test:a")[2] == first
+    assert sum(drawn) == 80  # picture_count: 8 rows of the 10 classes
+    for changed in (dict(weights="test:b"), dict(steps=[4]), dict(config=config.replace(eval_samples=100))):
+        drawn.clear()
+        call = {"weights": "test:a", "steps": [2], "config": config, **changed}
+        again = evaluate_sampler(sample, call["config"], folder / "reuse", call["steps"], "cpu",
+                                 weights=call["weights"])
+        assert sum(drawn) == call["config"].eval_samples and next(iter(again.values())) != first, changed
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_teacher_and_a_student_at_any_image_size(tmp_path, size):
+    # The sample shape follows --image-size everywhere, and attention sits where --attn-res says, counted
+    # from the real input: at 16x16 and 32x32 alike, the one attention level below the top is size / 2.
+    import torch
+
+    from plumbing.networks import Attention, build_network
+
+    data = []
+    if not DEBIAN_FASHION_MNIST.exists():
+        (tmp_path / "data").mkdir()
+        write_fake_fashion_mnist(tmp_path / "data")
+        data = ["--data-dir", str(tmp_path / "data")]
+    args = [*TINY, *data, "--image-size", str(size), "--attn-res", str(size // 2), "--out-dir", str(tmp_path / "run"),
+            "--iterations", "2", "--batch-size", "4", "--eval-steps", "2", "--eval-samples", "20",
+            "--classifier-steps", "5"]
+    train_teacher.main(args)
+    progressive_distill.main([*args, "--start-steps", "2", "--to-steps", "1", "--round-iterations", "1",
+                              "--pd-batch-size", "4"])
+    state = torch.load(tmp_path / "run" / "pd" / "student_1.pt", weights_only=True)
+    net = build_network(state["config"])
+    seen = []
+    for module in net.modules():
+        if isinstance(module, Attention):
+            module.register_forward_hook(lambda m, inputs, out: seen.append(tuple(out.shape[-2:])))
+    x = net(torch.zeros(2, 1, size, size), torch.rand(2), torch.zeros(2, dtype=torch.long))
+    assert x.shape == (2, 1, size, size) and seen == [(size // 2, size // 2)] * 4  # down, middle, two up
+    with pytest.raises(ValueError, match="--image-size"):
+        net(torch.zeros(2, 1, 2 * size, 2 * size), torch.rand(2), torch.zeros(2, dtype=torch.long))
+    from PIL import Image
+
+    run = tmp_path / "run"
+    for png in (run / "teacher" / "samples_2.png", run / "pd" / "student_1" / "samples_1.png"):
+        assert Image.open(png).size == (10 * (size + 2) + 2, 2 * (size + 2) + 2)  # 20 samples, one column per class
+    metrics = assert_finite(tmp_path / "run" / "pd" / "metrics.json")
+    assert metrics["students"]["1"]["n"] == 20 and "fd_classifier" in metrics["students"]["1"]
 
 
 def test_the_gpu_check_runs_with_tiny_settings(tmp_path):

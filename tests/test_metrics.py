@@ -75,3 +75,18 @@ def test_data_floor_is_made_once_per_reference_draw_and_stays_right():
             m = toy_metrics(points, dataset)
             assert (m["w2_floor"], m["mmd_floor"]) == (expected["w2_floor"], expected["mmd_floor"])
     assert fresh_floor(mix, 300)["w2_floor"] != fresh_floor(moons, 300)["w2_floor"]
+
+
+def test_an_image_evaluation_stays_within_its_share_of_training():
+    from plumbing.metrics import within_share
+    from train_teacher import TeacherConfig
+
+    config = TeacherConfig.from_preset("fmnist16", eval_samples=2000, eval_share=0.5, eval_steps=[1, 4, 256])
+    # 1 + 4 measured calls per sample (256 > fd_max_steps: a picture only); half of 60,000 calls buys 6000 samples
+    assert within_share(config, config.eval_steps, 60_000)["eval_samples"] == 2000
+    cut = within_share(config, config.eval_steps, 2_000)  # 1000 calls: 200 samples, 20 per class
+    assert cut["eval_samples"] == 200 and config.eval_samples == 2000  # the config itself is left alone
+    assert within_share(config, [64], 1_000)["eval_samples"] == 20  # never below two per class
+    assert within_share(config.replace(eval_share=0), [64], 1_000)["eval_samples"] == 2000  # 0: no cap
+    toy = TeacherConfig.from_preset("toy", eval_share=0.5)
+    assert within_share(toy, [256], 10)["eval_samples"] == toy.eval_samples  # toy points are cheap

@@ -211,7 +211,7 @@ def test_image_path_end_to_end(tmp_path):
     config = pd.PDConfig.from_preset("cifar10", out_dir=str(tmp_path), device="cpu", data_dir=str(tmp_path / "data"),
                                 channels=16, ch_mult=[1, 2], num_res_blocks=1, batch_size=4, iterations=4,
                                 eval_samples=4, eval_steps=[2], sample_every=2, log_every=2, ckpt_every=2,
-                                fd_samples=0, start_steps=4, to_steps=1, round_iterations=3, pd_batch_size=4)
+                                fd_max_steps=0, start_steps=4, to_steps=1, round_iterations=3, pd_batch_size=4)
     metrics = pd.progressive_distillation(config)
     assert set(metrics["students"]) == {"2", "1"}
     assert (tmp_path / "teacher" / "samples_2.png").is_file() and (tmp_path / "teacher" / "during").is_dir()

@@ -43,6 +43,7 @@ import guided_distill  # noqa: E402
 import progressive_distill  # noqa: E402
 import train_teacher  # noqa: E402
 from common import Denoiser, diffusion_loss, pick_device, run_cli, trainable_copy  # noqa: E402
+from plumbing.config import sample_shape  # noqa: E402
 from plumbing.networks import build_network  # noqa: E402
 from plumbing.training import autocast, optimizer_step, prepare_network  # noqa: E402
 
@@ -81,7 +82,7 @@ def measure(update, device, seconds: float, warmup: int = 3) -> dict:
 
 
 def random_batch(config, batch: int, device):
-    x = torch.randn(batch, config.in_ch, 32, 32, device=device).clamp(-1, 1)
+    x = torch.randn(batch, *sample_shape(config), device=device).clamp(-1, 1)
     return x, torch.randint(config.num_classes, (batch,), device=device)
 
 
@@ -145,8 +146,8 @@ def dmd_update(config, device, batch: int):
     generator, fake_score = trainable_copy(teacher), trainable_copy(teacher)
     gen_opt, fake_opt = dmd.adamw(generator, config.gen_lr), dmd.adamw(fake_score, config.fake_lr)
     n = 4 * batch
-    pairs = {"z": torch.randn(n, config.in_ch, 32, 32), "labels": torch.randint(config.num_classes, (n,)),
-             "y": torch.randn(n, config.in_ch, 32, 32).clamp(-1, 1)}
+    pairs = {"z": torch.randn(n, *sample_shape(config)), "labels": torch.randint(config.num_classes, (n,)),
+             "y": torch.randn(n, *sample_shape(config)).clamp(-1, 1)}
 
     def update():
         for _ in range(config.fake_updates):
@@ -205,7 +206,7 @@ def pipeline_part(args, device, budget: float, network: dict) -> dict:
     for key, value in network.items():
         common_args += [f"--{key.replace('_', '-')}", *(map(str, value) if isinstance(value, list) else [str(value)])]
     if args.tiny:
-        common_args += ["--eval-samples", "20", "--fd-samples", "40", "--classifier-steps", "30", "--log-every", "2"]
+        common_args += ["--eval-samples", "40", "--classifier-steps", "30", "--log-every", "2"]
     teacher_batch, pd_batch, dmd_batch = (8, 4, 4) if args.tiny else (128, 128, 128)
     # The update counts that fill each share of the budget, from the updates/s measured now.
     speeds = {"teacher": rate(teacher_update, train_teacher.TeacherConfig, args, device, network, teacher_batch),
