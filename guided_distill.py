@@ -266,9 +266,7 @@ def guided_distillation(config: GuidedConfig, resume: bool = False) -> dict:
                                                 stage_two_loss(config), evaluator.probe, (*ROUND_KEYS, *STAGE1_KEYS)),
                                         load, steps=n_steps)
         if str(n_steps) not in students:
-            last = config.net == "mlp" or n_steps == config.to_steps  # images: both samplers at the end only
-            students[str(n_steps)] = {**evaluator(student, n_steps, samplers=SAMPLERS if last else ("ddim",)),
-                                      "time_s": round(seconds, 1)}
+            students[str(n_steps)] = {**evaluator(student, n_steps), "time_s": round(seconds, 1)}
             ladder.metrics["distill_time_s"] = round(ladder.metrics["stage1"]["time_s"] +
                                                      sum(s["time_s"] for s in students.values()), 1)
             ladder.metrics.update(teacher=evaluator.teacher_rows, eval_time_s=round(evaluator.watch.seconds, 1))

@@ -66,7 +66,7 @@ class TeacherConfig(RunConfig):
         # Toy: labels dropped w.p. 0.3 so that the unconditional model, which the toy goals are stated for, is good.
         "toy": dict(batch_size=512, lr=1e-3, iterations=20_000, warmup=0, ema_decay=0.999, label_dropout=0.3,
                     hflip=False, dropout=0.1),
-        # 2 CPU cores: 1500 updates of 0.34 s; Adam 1e-3 and EMA 0.999 make a short run good (docs/results.md).
+        # 2 CPU cores: 1500 updates of 0.31 s; Adam 1e-3 and EMA 0.999 make a short run good (docs/results.md).
         "fmnist16": dict(iterations=1500, lr=1e-3, warmup=100, ema_decay=0.999, hflip=False, dropout=0.1),
         "fmnist": dict(iterations=30_000, ema_decay=0.9995, hflip=False, dropout=0.1),
     }
@@ -114,7 +114,7 @@ def train_teacher(config: TeacherConfig, resume: bool = False) -> Path:
         if loop.due(config.sample_every) and config.net != "mlp" and step + 1 < config.iterations:
             # images: the EMA's 64-step DDIM, measured (the last update's is the final evaluation's)
             with loop.off_the_clock():  # at most eval_share of the training since the last check
-                measured = within_share(config, [64], 3 * config.sample_every * config.batch_size)
+                measured = within_share(config, [64], training_calls(config, config.sample_every))
                 result = evaluate_sampler(lambda z, c, n: ddim_sample(ema.model, z, n, c), measured,
                                           teacher_dir(config) / f"during/{step + 1:07d}", [64], device)[64]
                 loop.extra.setdefault("history", []).append({"step": step + 1, **result})

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from common import UserError, alpha_sigma, bcast
+from plumbing.config import image_size
 from plumbing.distributed import check_batch, shard
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -113,7 +114,7 @@ def load_images(config: dict, train: bool = True):
     of each 2x2 block), rounded back to uint8."""
     loader = {"fmnist": load_fashion_mnist, "cifar10": load_cifar10}[config["data"]]
     x, labels = loader(config.get("data_dir"), train=train)
-    size = config.get("image_size") or 32
+    size = image_size(config)
     if size != x.shape[-1]:
         mode = "area" if size < x.shape[-1] else "bilinear"
         x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode=mode)  # (N, C, size, size)

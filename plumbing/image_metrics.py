@@ -89,10 +89,11 @@ def classifier_accuracy(model: FeatureClassifier, images: torch.Tensor, labels: 
 
 def load_classifier(config: dict, device, steps: int) -> tuple[FeatureClassifier, dict]:
     """The preset's classifier, trained on the training set once and cached in out_dir."""
+    from plumbing.config import image_size
     from plumbing.data import load_images
 
     path = Path(config["out_dir"]) / "feature_classifier.pt"
-    size = config.get("image_size") or 32
+    size = image_size(config)
     distributed.barrier()  # under torchrun every rank looks at once, so that all take the same path
     state = load_checkpoint(path, "feature classifier") if path.exists() else None
     if state is not None and (state["info"]["steps"], state["info"].get("image_size", 32)) == (steps, size):

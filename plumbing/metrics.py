@@ -173,6 +173,13 @@ def measurement_key(config: dict, device, weights: str, steps: int, n: int) -> s
     return f"{weights} steps {steps} n {n} seed {config['eval_seed']} {metric} inception {config['inception']}"
 
 
+def stored_measurement(config: dict, device, weights: str, steps: int, n: int) -> tuple[str, dict | None]:
+    """The key of this image measurement in the run folder's measurements.json, and the result stored
+    under it (None when it has not been made)."""
+    key = measurement_key(config, device, weights, steps, n)
+    return key, read_measurements(config).get(key)
+
+
 def read_measurements(config: dict) -> dict:
     path = Path(config["out_dir"]) / "measurements.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -231,8 +238,8 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
     for steps in steps_list:
         measured = is_measured(config, steps)
         n = config["eval_samples"] if measured else picture_count(config)
-        key = None if toy or not measured or weights is None else measurement_key(config, device, weights, steps, n)
-        known = read_measurements(config).get(key) if key else None
+        key, known = (None, None) if toy or not measured or weights is None else \
+            stored_measurement(config, device, weights, steps, n)
         g = torch.Generator().manual_seed(config["eval_seed"])
         z = torch.randn((n, *sample_shape(config)), generator=g)
         if known is not None:  # measured before: only the picture is drawn

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from plumbing.config import image_size
+
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
     """Transformer-style Fourier features of a scalar per example: (B,) -> (B, dim)."""
@@ -204,4 +206,4 @@ def build_network(config: dict) -> nn.Module:
     return UNet(config["num_classes"], in_ch=config["in_ch"], channels=config["channels"],
                 ch_mult=tuple(config["ch_mult"]), num_res_blocks=config["num_res_blocks"],
                 attn_res=tuple(config["attn_res"]), dropout=config["dropout"],
-                resolution=config.get("image_size") or 32)  # attention placed by the real input size
+                resolution=image_size(config))  # attention placed by the real input size

@@ -21,9 +21,8 @@ from plumbing import distributed
 from plumbing.config import sample_shape
 from plumbing.data import toy_dataset
 from plumbing.image_metrics import image_quality
-from plumbing.metrics import (IMAGE_BATCH, describe, evaluate_sampler, in_batches, is_measured, measurement_key,
-                              picture_count, quality_key, read_measurements, reference_metrics, sampler_floor,
-                              write_measurement)
+from plumbing.metrics import (IMAGE_BATCH, describe, evaluate_sampler, in_batches, is_measured, picture_count,
+                              quality_key, reference_metrics, sampler_floor, stored_measurement, write_measurement)
 from plumbing.training import fingerprint, samples_per_second, save_figure
 from train_teacher import load_teacher, teacher_dir
 
@@ -147,9 +146,8 @@ class GuidedEvaluator:
         key = None
         if not self.toy and is_measured(self.config, steps):
             sampler = "ddim" if w == 0 else f"guided ddim w {w:g}"
-            key = measurement_key(self.config, self.device, f"{sampler}:{self.teacher.fingerprint}", steps,
-                                  self.config["eval_samples"])
-            known = read_measurements(self.config).get(key)
+            key, known = stored_measurement(self.config, self.device, f"{sampler}:{self.teacher.fingerprint}", steps,
+                                            self.config["eval_samples"])
             if known is not None:
                 return known
         result = self.measure(self.guided_teacher(w, self.z, steps), w)
@@ -164,8 +162,15 @@ class GuidedEvaluator:
         ref, floor = self.reference(w)
         return reference_metrics(x.numpy(), ref.numpy(), floor, self.mixture)
 
-    def __call__(self, student: Denoiser, steps: int, samplers=("ddim", "stochastic"),
-                 folder: str | None = None) -> dict:
+    def in_full(self, steps: int) -> bool:
+        """Whether a student of `steps` steps is measured with both samplers and beside the guided teacher at
+        its own step count: toy data at every round; images, where the guided teacher's 2 calls per step
+        dominate the cost, at the last round only."""
+        return self.toy or steps == self.config["to_steps"]
+
+    def __call__(self, student: Denoiser, steps: int, samplers=None, folder: str | None = None) -> dict:
+        """`samplers` default: both where `in_full(steps)`, otherwise DDIM alone."""
+        samplers = samplers or (("ddim", "stochastic") if self.in_full(steps) else ("ddim",))
         with self.watch:
             return self._evaluate(student, steps, samplers, self.out / (folder or f"student_{steps}"))
 
@@ -175,11 +180,9 @@ class GuidedEvaluator:
             ws = [self.config["single_w"]]  # the single-w baseline is measured at its own w
         results, panels = {sampler: {} for sampler in samplers}, {}
         for w in ws:
-            # Images, where the guided teacher's 2 calls per step dominate the cost: it is measured at 64 steps
-            # once per w (the reference) and at the last round's step count; toy data: at every step count.
-            last = self.toy or steps == self.config["to_steps"]
+            # The guided teacher at the student's steps (see in_full), and on images at 64 steps once per w.
             reference = [] if self.toy else [min(self.gd.IMAGE_REFERENCE_STEPS, self.config["fd_max_steps"])]
-            for n in {steps if last else 0, *reference}:
+            for n in {steps if self.in_full(steps) else 0, *reference}:
                 if n and str(n) not in self.teacher_rows.get(f"{w:g}", {}):
                     self.teacher_rows.setdefault(f"{w:g}", {})[str(n)] = self.measure_teacher(w, n)
             for sampler in samplers:
