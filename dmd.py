@@ -61,6 +61,7 @@ from plumbing.config import parse_config, require, sample_shape
 from plumbing.distributed import per_process
 from plumbing.image_metrics import load_lpips
 from plumbing.loop import Loop
+from plumbing.metrics import image_batch
 from plumbing.reports import DMDMonitor, dmd_report, print_dmd_summary
 from plumbing.training import autocast, cached, optimizer_step, progress
 from train_teacher import TeacherConfig, load_teacher, teacher_dir
@@ -222,7 +223,7 @@ def regression_pairs(teacher, config: DMDConfig, device) -> dict:
 
     def make():
         g = torch.Generator().manual_seed(config.seed + 777)
-        n, batch = config.reg_pairs, 1024 if config.net == "mlp" else 256
+        n, batch = config.reg_pairs, 1024 if config.net == "mlp" else image_batch(device)
         shape = sample_shape(config)
         z, labels, ys = torch.randn(n, *shape, generator=g), sample_labels(n, config, g), []
         for i in progress(range(0, n, batch), f"regression set ({config.reg_steps}-step teacher DDIM)"):

@@ -135,7 +135,12 @@ def describe(result: dict) -> str:
     return "pictures only"
 
 
-IMAGE_BATCH = 250  # images sampled at once for a measurement
+def image_batch(device) -> int:
+    """Images sampled at once for a measurement. On the 2-core CPU the 0.70M fmnist16 UNet draws
+    1750 images/s in batches of 100 but 1360 in batches of 250 (its activations leave the cache)."""
+    return 100 if torch.device(device).type == "cpu" else 250
+
+
 PICTURE_ROWS = 8  # rows of the sample grids: one column per class
 
 
@@ -197,13 +202,14 @@ def is_measured(config: dict, steps: int) -> bool:
     return config["net"] == "mlp" or steps <= config["fd_max_steps"]
 
 
-def in_batches(sample, z: torch.Tensor, labels: torch.Tensor, device, batch: int = IMAGE_BATCH,
+def in_batches(sample, z: torch.Tensor, labels: torch.Tensor, device, batch: int | None = None,
                desc: str = "sampling") -> torch.Tensor:
     """`sample(z, labels) -> x` over `batch`-sized slices on `device` (a progress bar when there are
     several); the samples in fp32 on the CPU."""
     from plumbing import distributed
     from plumbing.training import progress
 
+    batch = batch or image_batch(device)
     start, end = distributed.chunk(len(z))  # under torchrun each rank draws its share, then all are gathered
     starts = range(start, end, batch)
     parts = [sample(z[i:min(i + batch, end)].to(device), labels[i:min(i + batch, end)].to(device)).float().cpu()
@@ -250,7 +256,7 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
         # global RNG: seed it here, and give it back afterwards, so the numbers do not depend on the caller.
         with seeded_rng(config["eval_seed"] + steps, device):
             x = in_batches(lambda z_b, c_b, n_steps=steps: sample(z_b, c_b, n_steps), z, labels, device,
-                           n if toy else IMAGE_BATCH, desc=f"{title}{steps}-step samples")
+                           n if toy else None, desc=f"{title}{steps}-step samples")
         if toy:
             dataset = toy_dataset(config["data"])
             results[steps] = toy_metrics(x.numpy(), dataset)

@@ -21,7 +21,7 @@ from plumbing import distributed
 from plumbing.config import sample_shape
 from plumbing.data import toy_dataset
 from plumbing.image_metrics import image_quality
-from plumbing.metrics import (IMAGE_BATCH, describe, evaluate_sampler, in_batches, is_measured, picture_count,
+from plumbing.metrics import (describe, evaluate_sampler, in_batches, is_measured, picture_count,
                               quality_key, reference_metrics, sampler_floor, stored_measurement, write_measurement)
 from plumbing.training import fingerprint, samples_per_second, save_figure
 from train_teacher import load_teacher, teacher_dir
@@ -121,7 +121,7 @@ class GuidedEvaluator:
     def draw(self, sample, z: torch.Tensor, steps: int) -> torch.Tensor:
         """`sample(z, labels) -> x` on the evaluation noise: all of it where it is measured, else a picture's worth."""
         n = len(z) if is_measured(self.config, steps) else picture_count(self.config)
-        return in_batches(sample, z[:n], self.labels[:n], self.device, n if self.toy else IMAGE_BATCH)
+        return in_batches(sample, z[:n], self.labels[:n], self.device, n if self.toy else None)
 
     def guided_teacher(self, w: float, z: torch.Tensor, steps: int) -> torch.Tensor:
         teacher = guided(self.teacher, w, self.teacher.null_label)
