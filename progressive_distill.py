@@ -154,7 +154,7 @@ def load_student(path, config: PDConfig, device, w_embedding: bool = False) -> D
     state = load_checkpoint(path, "student checkpoint")
     check_compatible(state["config"], config, NetworkConfig.network_keys(), "student checkpoint", path)
     student = frozen_denoiser(config, state["model"], device, w_embedding)
-    prepare_network(student, config, device, compile=False)  # as the trained one was (channels_last on CUDA)
+    prepare_network(student, config, device, compile=False)  # as the trained one was (channels_last)
     return student
 
 

@@ -118,9 +118,9 @@ class GuidedEvaluator:
         self.teacher_rows = read_json(out / "metrics.json").get("teacher", {}) if resume else {}  # before a resume
         self.watch = Stopwatch(read_json(out / "metrics.json").get("eval_time_s", 0.0) if resume else 0.0)
 
-    def draw(self, sample, z: torch.Tensor, steps: int) -> torch.Tensor:
+    def draw(self, sample, z: torch.Tensor, steps: int, measured: bool = True) -> torch.Tensor:
         """`sample(z, labels) -> x` on the evaluation noise: all of it where it is measured, else a picture's worth."""
-        n = len(z) if is_measured(self.config, steps) else picture_count(self.config)
+        n = len(z) if measured and is_measured(self.config, steps) else picture_count(self.config)
         return in_batches(sample, z[:n], self.labels[:n], self.device, n if self.toy else None)
 
     def guided_teacher(self, w: float, z: torch.Tensor, steps: int) -> torch.Tensor:
@@ -163,9 +163,9 @@ class GuidedEvaluator:
         return reference_metrics(x.numpy(), ref.numpy(), floor, self.mixture)
 
     def in_full(self, steps: int) -> bool:
-        """Whether a student of `steps` steps is measured with both samplers and beside the guided teacher at
-        its own step count: toy data at every round; images, where the guided teacher's 2 calls per step
-        dominate the cost, at the last round only."""
+        """Whether a student of `steps` steps is measured (with both samplers, and beside the guided teacher
+        at its own step count): toy data at every round; images, where measuring 2000 samples at 4 values
+        of w costs more than a round's training, at the last round only (the others get pictures)."""
         return self.toy or steps == self.config["to_steps"]
 
     def __call__(self, student: Denoiser, steps: int, samplers=None, folder: str | None = None) -> dict:
@@ -188,8 +188,9 @@ class GuidedEvaluator:
             for sampler in samplers:
                 g = torch.Generator().manual_seed(self.config["eval_seed"] + 1)  # the stochastic sampler's noise
                 x = self.draw(lambda z_b, c_b, w=w, sampler=sampler, g=g: self.gd.sample(student, z_b, c_b, w, steps,
-                                                                                       sampler, g), self.z, steps)
-                results[sampler][f"{w:g}"] = self.measure(x, w)
+                                                                                       sampler, g), self.z, steps,
+                              measured=self.in_full(steps))
+                results[sampler][f"{w:g}"] = self.measure(x, w) if self.in_full(steps) else {}
                 if self.toy:
                     panels[f"w = {w:g}, {sampler}"] = x
                 else:

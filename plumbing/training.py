@@ -337,11 +337,12 @@ def autocast(config: dict, device: torch.device):
 
 
 def prepare_network(model: nn.Module, config: dict, device: torch.device, compile: bool = True) -> None:
-    """channels_last for UNets on CUDA, and torch.compile of the network's forward when asked
-    (compiling `forward` in place keeps the state_dict's keys, so checkpoints stay portable).
-    Pass compile=False for a model that will be deep-copied (a teacher that seeds students)."""
+    """channels_last for UNets on CUDA and the CPU (on 2 CPU cores the fmnist16 teacher's update takes
+    0.28 s instead of 0.31), and torch.compile of the network's forward when asked (compiling `forward`
+    in place keeps the state_dict's keys, so checkpoints stay portable). Pass compile=False for a model
+    that will be deep-copied (a teacher that seeds students)."""
     device = torch.device(device)
-    if device.type == "cuda" and config["net"] == "unet":
+    if device.type in ("cuda", "cpu") and config["net"] == "unet":
         model.to(memory_format=torch.channels_last)
     if compile and config.get("compile"):
         if device.type != "cuda":
