@@ -79,7 +79,7 @@ class GuidedConfig(PDConfig):
                     stage1_lr=1e-3),
         # 2 CPU cores. 400 stage-one updates at 2e-4 learned an average over w (w = 0 sampled like the teacher
         # at w = 1); 1000 at 1e-3 separate them. Stage two from 16 steps left w = 0 at 2.3x the teacher's
-        # 64-step FD (a 4-step student copies a 16-step sampler, FD 1.06 at w = 0), so it starts at 64, as PD.
+        # 64-step FD (a 4-step student copies a 16-step sampler, FD 1.06 at w = 0); from 64, as PD, 1.5x.
         "fmnist16": dict(start_steps=64, to_steps=4, stage1_iterations=1000, stage1_lr=1e-3),
         "fmnist": dict(stage1_iterations=10_000, stage1_lr=1e-4),
     }

@@ -205,13 +205,15 @@ class GuidedEvaluator:
 
 def print_guided_round(n_steps: int, result: dict) -> None:
     line = f"  student {n_steps:>4} steps"
+    measured = False
     for sampler, per_w in result.items():
         keys = {quality_key(m) for m in per_w.values()} if isinstance(per_w, dict) and per_w else {None}
         if len(keys) == 1 and None not in keys:  # toy: MMD to the guided teacher; images: FD to the data
             key = "mmd" if all("mmd" in m for m in per_w.values()) else keys.pop()
             name, fmt = ("MMD", ".4f") if key == "mmd" else ("FD", ".4g")
             line += f"  {sampler} {name} " + " ".join(f"w{w}:{m[key]:{fmt}}" for w, m in per_w.items())
-    print(line)
+            measured = True
+    print(line if measured else f"{line}: pictures only (images are measured at the last round)")
 
 
 def plot_guided_quality(metrics: dict, png: Path) -> None:
