@@ -37,14 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-
-from common import (UserError, check_same_teacher, load_checkpoint, pick_device, run_cli, save_checkpoint,
-                    seed_everything, trainable_copy, write_json)
+from common import trainable_copy
 from dmd import DMDConfig, adamw, fake_score_loss, generator_samples, noise_and_labels, train_dmd
-from plumbing.config import parse_config, require
+from plumbing.config import parse_config
+from plumbing.errors import UserError, require
+from plumbing.folders import disback_dir
 from plumbing.loop import Loop
 from plumbing.reports import compare_with_dmd
-from plumbing.training import optimizer_step
+from plumbing.training import (check_same_teacher, load_checkpoint, optimizer_step, pick_device, run_cli,
+                               save_checkpoint, seed_everything, write_json)
 from train_teacher import TeacherConfig, load_teacher
 
 
@@ -75,10 +76,6 @@ RUN_KEYS = (*DisBackConfig.run_keys(TeacherConfig), "grad_clip")
 # What the recorded path depends on (besides the teacher's weights): DisBack's recording fields and G_0's samples.
 PATH_KEYS = (*(k for k in DisBackConfig.own_fields() if k != "interval"), "steps", "dmd_batch_size",
              "dmd_label_dropout", "seed")
-
-
-def disback_dir(config: DisBackConfig) -> Path:
-    return Path(config.out_dir) / (f"disback_{config.steps}step" + (f"_{config.tag}" if config.tag else ""))
 
 
 # ==== Stage 1: recording the degradation path s'_0 = teacher -> s'_N (fits G_0) =======================================

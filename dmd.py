@@ -55,16 +55,18 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from common import (EMA, UserError, check_same_teacher, ddim_sample, diffuse, diffusion_loss, guided, no_grad_fp32,
-                    pick_device, run_cli, seed_everything, trainable_copy)
-from plumbing.config import parse_config, require, sample_shape
+from common import ddim_sample, diffuse, diffusion_loss, guided, no_grad_fp32, trainable_copy
+from plumbing.config import parse_config, sample_shape
 from plumbing.distributed import per_process
+from plumbing.errors import UserError, require
+from plumbing.folders import dmd_dir, teacher_dir
 from plumbing.image_metrics import load_lpips
 from plumbing.loop import Loop
 from plumbing.metrics import image_batch
-from plumbing.reports import DMDMonitor, dmd_report, print_dmd_summary
-from plumbing.training import autocast, cached, optimizer_step, progress
-from train_teacher import TeacherConfig, load_teacher, teacher_dir
+from plumbing.reports import DMDMonitor, print_dmd_summary
+from plumbing.training import (EMA, autocast, cached, check_same_teacher, optimizer_step, pick_device, progress,
+                               run_cli, seed_everything)
+from train_teacher import TeacherConfig, load_teacher
 
 REG_LOSSES = ("mse", "pseudo-huber", "lpips")
 DM_T_MIN, DM_T_MAX = 0.02, 0.98  # the distribution-matching loss's time range (paper: 0.02 T to 0.98 T)
@@ -247,10 +249,6 @@ def real_score_of(teacher, config: DMDConfig):
 # ==== Training ========================================================================================================
 
 
-def run_dir(config: DMDConfig) -> Path:
-    return Path(config.out_dir) / (f"dmd_{config.steps}step" + (f"_{config.tag}" if config.tag else ""))
-
-
 def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.999))
 
@@ -299,7 +297,7 @@ def train_dmd(config: DMDConfig, resume: bool = False, out: Path | None = None, 
     the teacher), `fake_start`, the fake score's initial weights (DMD: the teacher's), and
     `run_keys`, the settings a resumed checkpoint must share (DisBack adds its path's)."""
     device = pick_device(config.device)
-    out = out or run_dir(config)
+    out = out or dmd_dir(config)
     if (out / "checkpoint.pt").exists() and not resume:  # before any teacher training or regression set
         raise UserError(f"{out} holds an earlier run; pass --resume to continue it, or --tag for a new run")
     lpips = load_lpips(config, device) if config.reg_weight > 0 and config.reg_loss == "lpips" else None
@@ -325,7 +323,8 @@ def train_dmd(config: DMDConfig, resume: bool = False, out: Path | None = None, 
         check_same_teacher(loop.saved.get("teacher"), teacher, "DMD checkpoint", loop.path)
     loop.more["teacher"] = teacher.fingerprint
     sampler = ema.model if ema is not None else generator  # what is evaluated
-    monitor = DMDMonitor(config, out, sampler, device, loop.extra.setdefault("history", []))
+    monitor = DMDMonitor(config, out, sampler, device, loop.extra.setdefault("history", []), generate,
+                         lambda n, g: sample_labels(n, config, g))
     if not loop.resumed:
         with loop.off_the_clock():
             monitor(0)
@@ -346,7 +345,7 @@ def train_dmd(config: DMDConfig, resume: bool = False, out: Path | None = None, 
             with loop.off_the_clock():
                 loop.write(monitor(step + 1, generator, real_score_at(step), fake_score))
     loop.log_writer.plot(out / "loss.png", f"DMD {config.steps}-step: losses")
-    return dmd_report(config, out, monitor.history, loop, sampler, device)
+    return monitor.report(loop, teacher)
 
 
 # ==== Checks and the command line =====================================================================================
@@ -369,7 +368,7 @@ def main(argv=None) -> None:
     resume = flags["resume"]
     print(f"DMD, {config.preset}: {config.steps}-step generator, {config.dmd_iterations} updates, "
           f"{config.fake_updates} fake-score updates each, regression weight {config.reg_weight}")
-    print_dmd_summary(config, train_dmd(config, resume=resume), run_dir(config))
+    print_dmd_summary(config, train_dmd(config, resume=resume), dmd_dir(config))
 
 
 if __name__ == "__main__":

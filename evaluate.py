@@ -26,6 +26,8 @@ method, after a warm-up, synchronised on CUDA, best of three.
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +35,17 @@ from typing import ClassVar
 
 import torch
 
-from common import (Denoiser, UserError, check_compatible, ddim_sample, fingerprint, frozen_denoiser, load_checkpoint,
-                    pick_device, run_cli)
+from common import Denoiser, ddim_sample
+from dmd import generate
+from guided_distill import sample
 from plumbing import distributed
-from plumbing.config import NetworkConfig, parse_config, require, sample_shape
+from plumbing.config import NetworkConfig, parse_config, sample_shape
+from plumbing.errors import UserError, require
 from plumbing.image_metrics import image_quality
-from plumbing.metrics import evaluate_sampler
-from plumbing.training import prepare_network, samples_per_second, save_figure, seeded_rng
+from plumbing.metrics import balanced_labels, evaluate_sampler
+from plumbing.networks import frozen_denoiser
+from plumbing.training import (check_compatible, fingerprint, load_checkpoint, pick_device, prepare_network, run_cli,
+                               samples_per_second, save_figure, seeded_rng)
 from train_teacher import TeacherConfig, load_teacher
 
 
@@ -93,14 +99,10 @@ def ddim_sampler(model):
 
 def guided_sampler(model, w: float, config: EvalConfig):
     """Class-balanced labels at w: w = 0 is the conditional model, whose class mixture is the data."""
-    from guided_distill import labels_for, sample
-
-    return lambda z, c, n: sample(model, z, labels_for(len(z), config, z.device), w, n)
+    return lambda z, c, n: sample(model, z, balanced_labels(len(z), config.num_classes).to(z.device), w, n)
 
 
 def generator_sampler(model):
-    from dmd import generate
-
     return lambda z, c, n: generate(model, z, c, n)
 
 
@@ -187,7 +189,7 @@ def evaluate_all(config: EvalConfig) -> dict:
     g = torch.Generator().manual_seed(config.eval_seed + 2)
     z_speed = torch.randn(config.speed_batch, *shape, generator=g).to(device)  # the same batch for every method
     c_speed = (torch.full((len(z_speed),), config.num_classes) if toy
-               else torch.arange(len(z_speed)) % config.num_classes).to(device)
+               else balanced_labels(len(z_speed), config.num_classes)).to(device)
     for row in rows:
         folder = out / "evaluation" / slug(row)
         row.metrics = evaluate_sampler(row.sample, measured, folder, [row.steps], device,
@@ -262,9 +264,6 @@ def speed_ratio(m: dict, ref_speed) -> str:
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import os
-    import platform
-
     return f"{device.type} ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
@@ -285,7 +284,7 @@ def side_by_side(config: EvalConfig, rows: list[Row], png: Path, device, per_cla
     g = torch.Generator().manual_seed(config.eval_seed + 3)
     n = per_class * config.num_classes
     z = torch.randn(n, *sample_shape(config), generator=g).to(device)
-    labels = (torch.arange(n) % config.num_classes).to(device)  # (n,): as guided_sampler's labels_for
+    labels = balanced_labels(n, config.num_classes).to(device)  # (n,)
     fig = Figure(figsize=(0.5 * n + 1.6, 0.55 * len(picked) + 0.3))
     axes = fig.subplots(len(picked), 1, squeeze=False)[:, 0]
     for ax, row in zip(axes, picked):

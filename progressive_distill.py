@@ -42,15 +42,18 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from common import (Denoiser, UserError, check_compatible, ddim_sample, ddim_step, diffuse, drop_labels,
-                    frozen_denoiser, invert_ddim, load_checkpoint, logsnr, loss_by_t_bucket, no_grad_fp32,
-                    pick_device, read_json, run_cli, seed_everything, trainable_copy)
-from plumbing.config import NetworkConfig, parse_config, require, sample_shape
+from common import (Denoiser, ddim_sample, ddim_step, diffuse, drop_labels, invert_ddim, logsnr, loss_by_t_bucket,
+                    no_grad_fp32, trainable_copy)
+from plumbing.config import NetworkConfig, parse_config, sample_shape
 from plumbing.data import BatchStream
+from plumbing.errors import UserError, require
+from plumbing.folders import pd_dir, teacher_dir
 from plumbing.loop import Ladder, Loop
+from plumbing.networks import frozen_denoiser
 from plumbing.reports import evaluate_pd_student, plot_pd_quality, print_pd_round
-from plumbing.training import LogWriter, autocast, optimizer_step, prepare_network
-from train_teacher import TeacherConfig, load_teacher, teacher_dir
+from plumbing.training import (LogWriter, autocast, check_compatible, load_checkpoint, optimizer_step, pick_device,
+                               prepare_network, read_json, run_cli, seed_everything)
+from train_teacher import TeacherConfig, load_teacher
 
 WEIGHTINGS = ("truncated-snr", "snr+1")
 
@@ -227,7 +230,7 @@ def train_round(teacher: Denoiser, n_steps: int, config: PDConfig, device, out: 
 def progressive_distillation(config: PDConfig, resume: bool = False) -> dict:
     """Alg. 2's outer loop: halve N from `start_steps` to `to_steps`, saving and measuring every student."""
     device = pick_device(config.device)
-    ladder = Ladder(Path(config.out_dir) / "pd", config, resume)  # finished rounds load, an interrupted one resumes
+    ladder = Ladder(pd_dir(config), config, resume)  # finished rounds load, an interrupted one resumes
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
     ladder.metrics.update(preset=config.preset, start_steps=config.start_steps,
                           teacher_ddim=read_json(teacher_dir(config) / "metrics.json"))
@@ -275,7 +278,7 @@ def main(argv=None) -> None:
     print(f"progressive distillation, {config.preset}: {config.start_steps} -> {config.to_steps} steps, "
           f"{config.round_iterations} updates per halving")
     metrics = progressive_distillation(config, resume=resume)
-    print(f"distilled in {metrics.get('distill_time_s')} s; students and metrics in {Path(config.out_dir) / 'pd'}")
+    print(f"distilled in {metrics.get('distill_time_s')} s; students and metrics in {pd_dir(config)}")
 
 
 if __name__ == "__main__":

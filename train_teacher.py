@@ -36,16 +36,17 @@ from typing import ClassVar
 
 import torch
 
-from common import (EMA, Denoiser, UserError, check_compatible, ddim_sample, diffusion_loss, drop_labels, fingerprint,
-                    frozen_denoiser, load_checkpoint, loss_by_t_bucket, pick_device, run_cli, seed_everything,
-                    write_json)
-from plumbing.config import NetworkConfig, RunConfig, parse_config, require
+from common import Denoiser, ddim_sample, diffusion_loss, drop_labels, loss_by_t_bucket
+from plumbing.config import NetworkConfig, RunConfig, parse_config
 from plumbing.data import BatchStream, toy_dataset
+from plumbing.errors import UserError, require
+from plumbing.folders import teacher_dir
+from plumbing.image_metrics import image_quality
 from plumbing.loop import Loop
 from plumbing.metrics import describe, evaluate_sampler, is_measured, picture_count, within_share
-from plumbing.image_metrics import image_quality
-from plumbing.networks import build_network
-from plumbing.training import LogWriter, autocast, optimizer_step, prepare_network
+from plumbing.networks import build_network, frozen_denoiser
+from plumbing.training import (EMA, LogWriter, autocast, check_compatible, fingerprint, load_checkpoint,
+                               optimizer_step, pick_device, prepare_network, run_cli, seed_everything, write_json)
 
 
 @dataclass
@@ -77,11 +78,6 @@ class TeacherConfig(RunConfig):
         for name in ("batch_size", "iterations"):
             require(self[name] >= 1, f"--{name.replace('_', '-')} must be at least 1, got {self[name]}")
         require(0.0 <= self.label_dropout < 1.0, f"--label-dropout must be in [0, 1), got {self.label_dropout}")
-
-
-def teacher_dir(config: dict) -> Path:
-    """Where the teacher's pictures, samples, log and metrics.json go: beside its checkpoint."""
-    return Path(config.teacher).with_suffix("")
 
 
 def train_teacher(config: TeacherConfig, resume: bool = False) -> Path:

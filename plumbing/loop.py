@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from plumbing import distributed
-from plumbing.training import (LogWriter, UserError, check_compatible, load_checkpoint, progress, read_json,
-                               rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
+from plumbing.errors import UserError
+from plumbing.training import (LogWriter, check_compatible, load_checkpoint, progress, read_json, rng_state,
+                               save_checkpoint, seed_everything, set_rng_state, write_json)
 
 
 class Loop:

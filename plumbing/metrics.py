@@ -14,8 +14,11 @@ import numpy as np
 import ot
 import torch
 
+from plumbing import distributed
 from plumbing.config import sample_shape
-from plumbing.data import GaussianMixture
+from plumbing.data import GaussianMixture, toy_dataset
+from plumbing.image_metrics import image_quality
+from plumbing.training import progress, save_image_grid, save_scatter, seeded_rng, write_json
 
 MMD_BANDWIDTHS = (0.02, 0.05, 0.1, 0.2)  # the scales of gaussians8 (std 0.08) and moons
 OFF_MODE_STDS = 4.0
@@ -109,8 +112,6 @@ def reference_metrics(points, ref, floor: dict, mixture: GaussianMixture | None 
 
 def save_samples(path, points, labels) -> None:
     """The exact samples a metric was computed on, so anyone can re-evaluate them."""
-    from plumbing import distributed
-
     if not distributed.is_main():
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +145,11 @@ def image_batch(device) -> int:
 PICTURE_ROWS = 8  # rows of the sample grids: one column per class
 
 
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """Class-conditional evaluation's labels: every class equally often, in turn (0, 1, ..., C - 1, 0, ...)."""
+    return torch.arange(n) % num_classes
+
+
 def picture_count(config: dict) -> int:
     """How many images a sample grid shows (the first ones of the evaluation noise)."""
     return min(config["eval_samples"], PICTURE_ROWS * config["num_classes"])
@@ -171,8 +177,6 @@ def within_share(config: dict, steps_list, training_calls: float) -> dict:
 def measurement_key(config: dict, device, weights: str, steps: int, n: int) -> str:
     """What a stored image measurement must match: the weights and sampler, the steps, the noise and the
     sample count, and the metric (the feature classifier and the real images' count)."""
-    from plumbing.image_metrics import image_quality
-
     info = image_quality(config, device).info
     metric = f"classifier {info['steps']}/{info['seed']}/{info['test_accuracy']:.6f}/{info['n_real']}"
     return f"{weights} steps {steps} n {n} seed {config['eval_seed']} {metric} inception {config['inception']}"
@@ -191,8 +195,6 @@ def read_measurements(config: dict) -> dict:
 
 
 def write_measurement(config: dict, key: str, result: dict) -> None:
-    from plumbing.training import write_json  # atomic, by rank 0 under torchrun
-
     write_json(Path(config["out_dir"]) / "measurements.json", {**read_measurements(config), key: result})
 
 
@@ -206,9 +208,6 @@ def in_batches(sample, z: torch.Tensor, labels: torch.Tensor, device, batch: int
                desc: str = "sampling") -> torch.Tensor:
     """`sample(z, labels) -> x` over `batch`-sized slices on `device` (a progress bar when there are
     several); the samples in fp32 on the CPU."""
-    from plumbing import distributed
-    from plumbing.training import progress
-
     batch = batch or image_batch(device)
     start, end = distributed.chunk(len(z))  # under torchrun each rank draws its share, then all are gathered
     starts = range(start, end, batch)
@@ -233,10 +232,6 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
     `measurements.json` and read back instead of made again (evaluate.py re-uses the scripts' own); the
     grid is drawn anew.
     """
-    from common import save_image_grid, save_scatter
-    from plumbing.data import toy_dataset
-    from plumbing.training import seeded_rng
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     toy = config["net"] == "mlp"
@@ -250,7 +245,7 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
         z = torch.randn((n, *sample_shape(config)), generator=g)
         if known is not None:  # measured before: only the picture is drawn
             z = z[:picture_count(config)]
-        labels = torch.full((n,), config["num_classes"]) if toy else torch.arange(n) % config["num_classes"]
+        labels = torch.full((n,), config["num_classes"]) if toy else balanced_labels(n, config["num_classes"])
         # (toy: unconditional, the null label; images: every class equally often)
         # Samplers that draw fresh noise between steps (DMD2's multi-step generator) draw it from the
         # global RNG: seed it here, and give it back afterwards, so the numbers do not depend on the caller.
@@ -264,8 +259,6 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
             off = results[steps].get("off_mode")
             panels[f"{title}{steps} step{'s' * (steps > 1)}" + (f"\noff-mode {off:.1%}" if off is not None else "")] = x
         else:
-            from plumbing.image_metrics import image_quality
-
             save_image_grid(x[:picture_count(config)], out_dir / f"samples_{steps}.png", nrow=config["num_classes"])
             if known is not None:
                 results[steps] = known

@@ -1,7 +1,7 @@
-"""Training plumbing shared by every script: one-line user errors, device choice, seeds and
-RNG state, EMA, atomic checkpoints, autocast, progress bars, logs and pictures.
+"""Training plumbing shared by every script: the command line's one-line errors, device choice, seeds
+and RNG state, EMA, atomic checkpoints, autocast, progress bars, logs and pictures.
 
-Nothing here is diffusion math (that is `common.py`, which re-exports these names).
+Nothing here is diffusion math (that is `common.py`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from plumbing import distributed
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line by `run_cli`, never as a traceback."""
+from plumbing.errors import UserError
 
 
 def run_cli(main) -> None:

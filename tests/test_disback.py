@@ -9,7 +9,8 @@ from conftest import die_on_call, with_teacher
 
 import disback
 import dmd
-from common import UserError
+from plumbing.errors import UserError
+from plumbing.folders import disback_dir, dmd_dir
 from train_teacher import load_teacher
 
 
@@ -58,8 +59,8 @@ def test_no_snapshots_is_dmd_exactly(tmp_path, toy_teacher):
     config = disback_config(tmp_path, toy_teacher, snapshots=0)
     a = disback.train_disback(config)
     b = dmd.train_dmd(config)
-    ga = torch.load(disback.disback_dir(config) / "checkpoint.pt", weights_only=False)["generator"]
-    gb = torch.load(dmd.run_dir(config) / "checkpoint.pt", weights_only=False)["generator"]
+    ga = torch.load(disback_dir(config) / "checkpoint.pt", weights_only=False)["generator"]
+    gb = torch.load(dmd_dir(config) / "checkpoint.pt", weights_only=False)["generator"]
     assert all(torch.equal(ga[k], gb[k]) for k in ga)
     assert a["final"]["mmd"] == b["final"]["mmd"]
     # with the DMD run present, the comparison is filled in (both identical: both reach the target together)
@@ -71,7 +72,7 @@ def test_no_snapshots_is_dmd_exactly(tmp_path, toy_teacher):
 def test_both_stages_resume_exactly(tmp_path, toy_teacher, monkeypatch):
     whole = disback_config(tmp_path / "whole", toy_teacher)
     metrics = disback.train_disback(whole)
-    out = disback.disback_dir(whole)
+    out = disback_dir(whole)
     assert metrics["teacher_reached_at"] == 3 * 4 and (out / "snapshots" / "record_losses.json").is_file()
     assert not (out / "snapshots" / "record_progress.pt").exists()
 
@@ -80,7 +81,7 @@ def test_both_stages_resume_exactly(tmp_path, toy_teacher, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         disback.train_disback(part)
     monkeypatch.undo()
-    assert len(list((disback.disback_dir(part) / "snapshots").glob("snapshot_*.pt"))) == 2
+    assert len(list((disback_dir(part) / "snapshots").glob("snapshot_*.pt"))) == 2
     with pytest.raises(UserError, match="pass --resume"):
         disback.train_disback(part)
     die_on_call(monkeypatch, dmd, "dmd_generator_loss", 15)  # stage 2, after the checkpoint at 10
@@ -91,7 +92,7 @@ def test_both_stages_resume_exactly(tmp_path, toy_teacher, monkeypatch):
     resumed = disback.train_disback(part, resume=True)
     for name in ["snapshots/snapshot_02.pt", "snapshots/snapshot_04.pt", "checkpoint.pt"]:
         a = torch.load(out / name, weights_only=False)
-        b = torch.load(disback.disback_dir(part) / name, weights_only=False)
+        b = torch.load(disback_dir(part) / name, weights_only=False)
         for key in ("model",) if "snapshot" in name else ("generator", "fake_score"):
             assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), (name, key)
     assert resumed["final"]["mmd"] == metrics["final"]["mmd"]

@@ -9,8 +9,11 @@ import torch
 from conftest import die_on_call, log_records, with_teacher
 
 import dmd
-from common import UserError, diffuse
+from common import diffuse
 from plumbing.data import GaussianMixture, gaussians8
+from plumbing.errors import UserError
+from plumbing.folders import dmd_dir
+from plumbing.image_metrics import load_lpips
 from train_teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,7 +110,7 @@ def dmd_config(folder, teacher_folder, **overrides):
 def test_short_runs_resume_exactly(tmp_path, toy_teacher, monkeypatch, steps):
     whole = dmd_config(tmp_path / "whole", toy_teacher, steps=steps)
     metrics = dmd.train_dmd(whole)
-    out = dmd.run_dir(whole)
+    out = dmd_dir(whole)
     assert [h["step"] for h in metrics["history"]] == [0, 10, 20]
     for name in ("metrics.json", "convergence.png", "loss.png", "eval_0000020/dm_view.png", "eval_0000020/samples.png"):
         assert (out / name).is_file(), name
@@ -125,11 +128,11 @@ def test_short_runs_resume_exactly(tmp_path, toy_teacher, monkeypatch, steps):
     torch.manual_seed(3)
     resumed = dmd.train_dmd(part, resume=True)
     a = torch.load(out / "checkpoint.pt", weights_only=False)
-    b = torch.load(dmd.run_dir(part) / "checkpoint.pt", weights_only=False)
+    b = torch.load(dmd_dir(part) / "checkpoint.pt", weights_only=False)
     for key in ("generator", "fake_score"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert resumed["final"]["mmd"] == metrics["final"]["mmd"]
-    assert log_records(dmd.run_dir(part)) == log_records(out)  # the line at 15 is not repeated
+    assert log_records(dmd_dir(part)) == log_records(out)  # the line at 15 is not repeated
 
 
 def test_regression_set_is_the_teachers_ddim_and_cached(tmp_path, toy_teacher):
@@ -154,9 +157,9 @@ def test_regression_losses():
 
 def test_lpips_unavailable_says_which_flag(tmp_path):
     with pytest.raises(UserError, match="needs images"):
-        dmd.load_lpips(dmd.DMDConfig.from_preset("toy"), "cpu")
+        load_lpips(dmd.DMDConfig.from_preset("toy"), "cpu")
     try:  # offline: either torchmetrics is missing or its weights cannot be downloaded
-        dmd.load_lpips(dmd.DMDConfig.from_preset("fmnist"), "cpu")
+        load_lpips(dmd.DMDConfig.from_preset("fmnist"), "cpu")
     except UserError as e:
         assert "--reg-loss pseudo-huber" in str(e)
 

@@ -11,8 +11,9 @@ from conftest import with_teacher
 import dmd
 import evaluate
 import progressive_distill as pd
-from common import read_json
 from plumbing.data import DEBIAN_FASHION_MNIST, load_fashion_mnist
+from plumbing.errors import UserError
+from plumbing.training import read_json
 from plumbing.image_metrics import classifier_accuracy, frechet_distance, train_classifier
 
 pytest.importorskip("torchmetrics")
@@ -76,7 +77,7 @@ def test_the_command_makes_the_table_and_plot_and_agrees_with_the_students(tmp_p
 
 
 def test_without_a_teacher_it_says_what_to_run(tmp_path):
-    with pytest.raises(evaluate.UserError, match="python train_teacher.py --preset toy"):
+    with pytest.raises(UserError, match="python train_teacher.py --preset toy"):
         evaluate.main(["--preset", "toy", "--out-dir", str(tmp_path)])
 
 

@@ -176,7 +176,8 @@ def test_teacher_and_a_student_at_any_image_size(tmp_path, size):
     # from the real input: at 16x16 and 32x32 alike, the one attention level below the top is size / 2.
     import torch
 
-    from plumbing.networks import Attention, build_network
+    from common import Attention
+    from plumbing.networks import build_network
 
     data = []
     if not DEBIAN_FASHION_MNIST.exists():

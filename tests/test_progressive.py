@@ -11,9 +11,10 @@ import torch
 from conftest import die_on_call, log_records, with_teacher
 
 import progressive_distill as pd
-from common import Denoiser, ddim_sample, ddim_step, diffuse, save_checkpoint
+from common import Denoiser, MLPDenoiserNet, ddim_sample, ddim_step, diffuse
 from plumbing.data import gaussians8
-from plumbing.networks import MLPDenoiserNet
+from plumbing.errors import UserError
+from plumbing.training import save_checkpoint
 from train_teacher import TeacherConfig, load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,9 +132,9 @@ def test_short_ladder_with_mid_round_resume(tmp_path, toy_teacher, monkeypatch):
         pd.progressive_distillation(part)
     monkeypatch.undo()
     assert torch.load(tmp_path / "part" / "pd" / "progress.pt", weights_only=False)["step"] == 40
-    with pytest.raises(pd.UserError, match="pass --resume"):
+    with pytest.raises(UserError, match="pass --resume"):
         pd.progressive_distillation(part)
-    with pytest.raises(pd.UserError, match="pd_batch_size=256 \\(now 128\\)"):  # one run's round, not two
+    with pytest.raises(UserError, match="pd_batch_size=256 \\(now 128\\)"):  # one run's round, not two
         pd.progressive_distillation(part.replace(pd_batch_size=128), resume=True)
     torch.manual_seed(7)  # the resumed run must not depend on the process's RNG
     pd.progressive_distillation(part, resume=True)

@@ -13,8 +13,11 @@ import disback
 import dmd
 import guided_distill as gd
 import progressive_distill as pd
-from common import UserError, ddim_sample, diffuse, guided, save_checkpoint, trainable_copy
+from common import ddim_sample, diffuse, guided, trainable_copy
 from plumbing.data import gaussians8
+from plumbing.errors import UserError
+from plumbing.folders import dmd_dir
+from plumbing.training import save_checkpoint
 from train_teacher import TeacherConfig, load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,7 +233,7 @@ def test_reruns_are_refused_before_any_work_and_checkpoints_are_not_mistaken(tmp
     with pytest.raises(UserError, match="pass --resume"):  # a finished teacher, rerun without --resume
         train_teacher(teacher_config)
     assert (tmp_path / "teacher" / "log.jsonl").read_text() == teacher_log  # its log is kept
-    dmd_checkpoint = dmd.run_dir(config) / "checkpoint.pt"
+    dmd_checkpoint = dmd_dir(config) / "checkpoint.pt"
     before = dmd_checkpoint.read_bytes()
     with pytest.raises(UserError, match="is not a teacher checkpoint"):  # a DMD run is not a teacher to resume
         train_teacher(teacher_config.replace(teacher=str(dmd_checkpoint), iterations=3000), resume=True)

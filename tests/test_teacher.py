@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import UserError, ddim_sample, load_checkpoint, save_checkpoint
+from common import ddim_sample
 from plumbing import training
+from plumbing.training import load_checkpoint, save_checkpoint
 from plumbing.config import parse_config
 from plumbing.data import gaussians8
+from plumbing.errors import UserError
 from plumbing.metrics import toy_metrics
 from train_teacher import TeacherConfig, evaluate_teacher, load_teacher, train_teacher
 
