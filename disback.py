@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from common import trainable_copy
-from dmd import DMDConfig, adamw, fake_score_loss, generator_samples, noise_and_labels, train_dmd
+from dmd import DMDConfig, Variant, adamw, fake_score_loss, generator_samples, noise_and_labels, train_dmd
 from plumbing.config import parse_config
 from plumbing.errors import UserError, require
 from plumbing.folders import disback_dir
@@ -162,8 +162,7 @@ def train_disback(config: DisBackConfig, resume: bool = False) -> dict:
     paths = record_degradation(teacher, config, device, out / "snapshots") if config.snapshots else []
     path = BacktrackingPath(teacher, paths, config.interval)
     fake_start = load_checkpoint(paths[-1], "DisBack snapshot")["model"] if paths else None  # s'_N
-    metrics = train_dmd(config, resume=resume, out=out, real_score_at=path, fake_start=fake_start,
-                        run_keys=RUN_KEYS)
+    metrics = train_dmd(config, resume, Variant(out=out, real_score=path, fake_start=fake_start, run_keys=RUN_KEYS))
     metrics["teacher_reached_at"] = max(len(paths) - 1, 0) * config.interval
     metrics["comparison"] = compare_with_dmd(config, metrics)
     write_json(out / "metrics.json", metrics)

@@ -48,6 +48,7 @@ Deliberate differences from the papers:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -290,35 +291,39 @@ def generator_update(generator, opt, real_score, fake_score, z, labels, pairs: d
 RUN_KEYS = (*DMDConfig.run_keys(TeacherConfig), "grad_clip")
 
 
-def train_dmd(config: DMDConfig, resume: bool = False, out: Path | None = None, real_score_at=None,
-              fake_start: dict | None = None, run_keys=RUN_KEYS) -> dict:
-    """The loop above. DisBack (disback.py) reuses it unchanged apart from four arguments: its run
-    folder `out`, `real_score_at(step)`, the real score for generator update `step` (DMD: always
-    the teacher), `fake_start`, the fake score's initial weights (DMD: the teacher's), and
-    `run_keys`, the settings a resumed checkpoint must share (DisBack adds its path's)."""
-    device = pick_device(config.device)
-    out = out or dmd_dir(config)
+@dataclass
+class Variant:
+    """What a variant of DMD changes in its loop, in one place: DisBack (disback.py), whose real score
+    walks back along a recorded path. `Variant()` is DMD itself."""
+
+    out: Path | None = None                  # the run folder (DMD: dmd_dir(config))
+    real_score: Callable | None = None       # real_score(i) -> mu_real for generator update i (DMD: the teacher)
+    fake_start: dict | None = None           # the fake score's first weights (DMD: the teacher's)
+    run_keys: tuple = RUN_KEYS               # what a resumed checkpoint must share (DisBack adds its path's)
+
+
+def train_dmd(config: DMDConfig, resume: bool = False, variant: Variant | None = None) -> dict:
+    """The loop above; DisBack runs it with its `variant` (disback.py)."""
+    variant, device = variant or Variant(), pick_device(config.device)
+    out = variant.out or dmd_dir(config)
     if (out / "checkpoint.pt").exists() and not resume:  # before any teacher training or regression set
         raise UserError(f"{out} holds an earlier run; pass --resume to continue it, or --tag for a new run")
     lpips = load_lpips(config, device) if config.reg_weight > 0 and config.reg_loss == "lpips" else None
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
-    if real_score_at is None:
-        real_score = real_score_of(teacher, config)
-
-        def real_score_at(step):
-            return real_score
+    mu_real = real_score_of(teacher, config)
+    real_score = variant.real_score or (lambda step: mu_real)  # DMD: the teacher at every update
     pairs = regression_pairs(teacher, config, device) if config.reg_weight > 0 else None
 
     seed_everything(config.seed)
     generator, fake_score = trainable_copy(teacher), trainable_copy(teacher)  # both start as the teacher
-    if fake_start is not None:
-        fake_score.load_state_dict(fake_start)
+    if variant.fake_start is not None:
+        fake_score.load_state_dict(variant.fake_start)
     gen_opt, fake_opt = adamw(generator, config.gen_lr), adamw(fake_score, config.fake_lr)
     ema = EMA(generator, config.gen_ema) if config.gen_ema > 0 else None
     nets = {"generator": generator, "fake_score": fake_score, "gen_opt": gen_opt, "fake_opt": fake_opt}
     loop = Loop(out / "checkpoint.pt", config, "dmd", config.dmd_iterations,
-                {**nets, **({"ema": ema} if ema is not None else {})}, f"DMD {config.steps}-step", keys=run_keys,
-                resume=resume, checkpoint_at_end=True, kind="dmd")
+                {**nets, **({"ema": ema} if ema is not None else {})}, f"DMD {config.steps}-step",
+                keys=variant.run_keys, resume=resume, checkpoint_at_end=True, kind="dmd")
     if loop.resumed:
         check_same_teacher(loop.saved.get("teacher"), teacher, "DMD checkpoint", loop.path)
     loop.more["teacher"] = teacher.fingerprint
@@ -337,13 +342,13 @@ def train_dmd(config: DMDConfig, resume: bool = False, out: Path | None = None, 
             z, labels = noise_and_labels(config, device)
             loss_fake = fake_score_update(fake_score, fake_opt, generator, z, labels, config)
         z, labels = noise_and_labels(config, device)
-        losses = generator_update(generator, gen_opt, real_score_at(step), fake_score, z, labels, pairs, config, lpips)
+        losses = generator_update(generator, gen_opt, real_score(step), fake_score, z, labels, pairs, config, lpips)
         if ema is not None:
             ema.update(generator)
         loop.log(**losses, loss_fake=loss_fake)
         if loop.due(config.eval_every):
             with loop.off_the_clock():
-                loop.write(monitor(step + 1, generator, real_score_at(step), fake_score))
+                loop.write(monitor(step + 1, generator, real_score(step), fake_score))
     loop.log_writer.plot(out / "loss.png", f"DMD {config.steps}-step: losses")
     return monitor.report(loop, teacher)
 
