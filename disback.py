@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from common import trainable_copy
-from dmd import DMDConfig, Variant, adamw, fake_score_loss, generator_samples, noise_and_labels, train_dmd
+from dmd import (DMDConfig, Variant, adamw, check_null_label, fake_score_loss, generator_samples, noise_and_labels,
+                 train_dmd)
 from plumbing.config import parse_config
 from plumbing.errors import UserError, require
 from plumbing.folders import disback_dir
@@ -158,6 +159,7 @@ def train_disback(config: DisBackConfig, resume: bool = False) -> dict:
     out = disback_dir(config)
     if ((out / "checkpoint.pt").exists() or (out / "snapshots").exists()) and not resume:
         raise UserError(f"{out} holds an earlier run; pass --resume to continue it, or --tag for a new run")
+    check_null_label(config)  # before the path is recorded
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
     paths = record_degradation(teacher, config, device, out / "snapshots") if config.snapshots else []
     path = BacktrackingPath(teacher, paths, config.interval)

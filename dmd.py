@@ -67,7 +67,7 @@ from plumbing.metrics import image_batch
 from plumbing.reports import DMDMonitor, print_dmd_summary
 from plumbing.training import (EMA, autocast, cached, check_same_teacher, optimizer_step, pick_device, progress,
                                run_cli, seed_everything)
-from train_teacher import TeacherConfig, load_teacher
+from train_teacher import TeacherConfig, load_teacher, require_null_label
 
 REG_LOSSES = ("mse", "pseudo-huber", "lpips")
 DM_T_MIN, DM_T_MAX = 0.02, 0.98  # the distribution-matching loss's time range (paper: 0.02 T to 0.98 T)
@@ -308,6 +308,7 @@ def train_dmd(config: DMDConfig, resume: bool = False, variant: Variant | None =
     out = variant.out or dmd_dir(config)
     if (out / "checkpoint.pt").exists() and not resume:  # before any teacher training or regression set
         raise UserError(f"{out} holds an earlier run; pass --resume to continue it, or --tag for a new run")
+    check_null_label(config)
     lpips = load_lpips(config, device) if config.reg_weight > 0 and config.reg_loss == "lpips" else None
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
     mu_real = real_score_of(teacher, config)
@@ -365,6 +366,19 @@ def check_config(config: DMDConfig) -> None:
     require(config.real_guidance >= 0, f"--real-guidance must be >= 0, got {config.real_guidance}")
     require(config.reg_weight >= 0, f"--reg-weight must be >= 0, got {config.reg_weight}")
     require(0.0 <= config.gen_ema < 1.0, f"--gen-ema must be in [0, 1), got {config.gen_ema}")
+
+
+def samples_null_label(config: DMDConfig) -> bool:
+    """Whether the run asks the teacher for x_hat(z_t, null): labels dropped (--dmd-label-dropout), a guided
+    real score (--real-guidance), or toy data, whose evaluation is unconditional."""
+    return config.dmd_label_dropout > 0 or config.real_guidance > 0 or config.net == "mlp"
+
+
+def check_null_label(config: DMDConfig) -> None:
+    """A teacher without the null label is refused where the run would sample it (DMD and DisBack)."""
+    if samples_null_label(config):
+        require_null_label(config, "DMD cannot sample the null label from it (--dmd-label-dropout, "
+                                   "--real-guidance or toy data's unconditional evaluation ask for it)")
 
 
 def main(argv=None) -> None:

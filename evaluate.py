@@ -46,7 +46,7 @@ from plumbing.metrics import balanced_labels, evaluate_sampler
 from plumbing.networks import frozen_denoiser
 from plumbing.training import (check_compatible, fingerprint, load_checkpoint, pick_device, prepare_network, run_cli,
                                samples_per_second, save_figure, seeded_rng)
-from train_teacher import TeacherConfig, load_teacher
+from train_teacher import TeacherConfig, load_teacher, require_null_label
 
 
 @dataclass
@@ -172,6 +172,8 @@ def slug(row: Row) -> str:
 
 
 def evaluate_all(config: EvalConfig) -> dict:
+    if config.net == "mlp":  # toy rows are unconditional: the null label
+        require_null_label(config, "the toy rows, which sample the null label, cannot be measured")
     device = pick_device(config.device)
     teacher = load_teacher(config, device, train_if_missing=False) if Path(config.teacher).exists() else None
     if teacher is None:

@@ -55,7 +55,7 @@ from plumbing.reports import GuidedEvaluator, plot_guided_quality, print_guided_
 from plumbing.training import LogWriter, pick_device, run_cli, save_image_grid, save_scatter, seed_everything
 from progressive_distill import (ROUND_KEYS, PDConfig, load_student, pd_loss, probe_gap, probe_noise, snr_weight,
                                  train_round, train_student)
-from train_teacher import check_guidable, load_teacher
+from train_teacher import load_teacher, require_null_label
 
 SAMPLERS = ("ddim", "stochastic")
 
@@ -242,7 +242,7 @@ def train_stage_one(teacher: Denoiser, config: GuidedConfig, device, out: Path, 
 
 def guided_distillation(config: GuidedConfig, resume: bool = False) -> dict:
     """Stage one, then stage two's ladder start_steps -> to_steps; every student saved and measured."""
-    check_guidable(config)  # guidance needs a teacher trained with label dropout
+    require_null_label(config, "it cannot be guided")  # guidance needs x_hat(z_t, null)
     device = pick_device(config.device)
     ladder = Ladder(guided_dir(config), config, resume)  # finished stages load, an interrupted one resumes
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing

@@ -53,7 +53,7 @@ from plumbing.networks import frozen_denoiser
 from plumbing.reports import evaluate_pd_student, plot_pd_quality, print_pd_round
 from plumbing.training import (LogWriter, autocast, check_compatible, load_checkpoint, optimizer_step, pick_device,
                                prepare_network, read_json, run_cli, seed_everything)
-from train_teacher import TeacherConfig, load_teacher
+from train_teacher import TeacherConfig, load_teacher, require_null_label
 
 WEIGHTINGS = ("truncated-snr", "snr+1")
 
@@ -229,6 +229,8 @@ def train_round(teacher: Denoiser, n_steps: int, config: PDConfig, device, out: 
 
 def progressive_distillation(config: PDConfig, resume: bool = False) -> dict:
     """Alg. 2's outer loop: halve N from `start_steps` to `to_steps`, saving and measuring every student."""
+    require_null_label(config, "progressive distillation cannot sample the null label from it (its probe does, "
+                               "and --pd-label-dropout)")
     device = pick_device(config.device)
     ladder = Ladder(pd_dir(config), config, resume)  # finished rounds load, an interrupted one resumes
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing

@@ -192,13 +192,15 @@ def load_teacher(config: TeacherConfig, device: torch.device, train_if_missing: 
     return teacher
 
 
-def check_guidable(config: TeacherConfig) -> None:
-    """Guidance needs x_hat(z_t, null): a teacher trained with label dropout."""
+def require_null_label(config: TeacherConfig, why: str) -> None:
+    """x_hat(z_t, null), the unconditional model, exists only in a teacher trained with label dropout: a method
+    that will sample the null label (guidance, PD's probe, unconditional toy evaluation; `why` says which)
+    refuses any other teacher, before any work. A teacher still to be trained is judged by this config."""
     path = Path(config.teacher)
     trained = load_checkpoint(path, "teacher checkpoint")["config"] if path.exists() else config
     if trained["label_dropout"] <= 0:
         raise UserError(f"the teacher {'at ' + str(path) if path.exists() else 'to be trained'} has no null class "
-                        "(it was trained with --label-dropout 0), so it cannot be guided; train one with "
+                        f"(it was trained with --label-dropout 0), so {why}; train one with "
                         "`python train_teacher.py --label-dropout 0.1` or pass another --teacher")
 
 
