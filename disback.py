@@ -77,6 +77,9 @@ RUN_KEYS = (*DisBackConfig.run_keys(TeacherConfig), "grad_clip")
 # What the recorded path depends on (besides the teacher's weights): DisBack's recording fields and G_0's samples.
 PATH_KEYS = (*(k for k in DisBackConfig.own_fields() if k != "interval"), "steps", "dmd_batch_size",
              "dmd_label_dropout", "seed")
+# What plain DMD's run must share with this one to be compared with it: every DMD setting (the budget, learning
+# rates, evaluation cadence and tag among them), the seed, the clip and the evaluation's noise; and the teacher.
+COMPARED_KEYS = (*DMDConfig.own_fields(), "seed", "grad_clip", "eval_samples", "eval_seed")
 
 
 # ==== Stage 1: recording the degradation path s'_0 = teacher -> s'_N (fits G_0) =======================================
@@ -166,7 +169,7 @@ def train_disback(config: DisBackConfig, resume: bool = False) -> dict:
     fake_start = load_checkpoint(paths[-1], "DisBack snapshot")["model"] if paths else None  # s'_N
     metrics = train_dmd(config, resume, Variant(out=out, real_score=path, fake_start=fake_start, run_keys=RUN_KEYS))
     metrics["teacher_reached_at"] = max(len(paths) - 1, 0) * config.interval
-    metrics["comparison"] = compare_with_dmd(config, metrics)
+    metrics["comparison"] = compare_with_dmd(config, metrics, COMPARED_KEYS)
     write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -196,9 +199,12 @@ def main(argv=None) -> None:
     final = metrics["final"]
     if "off_mode" in final:
         print(f"{config.steps}-step generator: off-mode {final['off_mode']:.1%}, MMD {final['mmd']:.4f}")
-    if metrics["comparison"]:
-        c = metrics["comparison"]
-        print(f"updates to reach {c['metric']} {c['target']:.4f}: {c['updates_to_target']}")
+    c = metrics["comparison"]
+    if c["compared"]:
+        print(f"against DMD's run in {c['dmd_run']}: updates to reach {c['metric']} {c['target']:.4f}: "
+              f"{c['updates_to_target']}")
+    else:
+        print(f"not compared with DMD: {c['why']}")
     print(f"everything in {disback_dir(config)}")
 
 

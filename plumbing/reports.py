@@ -306,7 +306,8 @@ class DMDMonitor:
         with Stopwatch(loop.eval_seconds) as watch:
             speed = sampling_speed(self.sampler, teacher, config, self.device, self.generate)
         metrics = {"preset": config["preset"], "steps": config["steps"], "reg_weight": config["reg_weight"],
-                   "fake_updates": config["fake_updates"], "train_time_s": round(loop.seconds, 1),
+                   "fake_updates": config["fake_updates"], "config": config.as_dict(), "teacher": teacher.fingerprint,
+                   "train_time_s": round(loop.seconds, 1),
                    "eval_time_s": round(watch.seconds, 1),
                    "final": history[-1], "history": history, "teacher_ddim": teacher_metrics.get("ddim", {}),
                    "samples_per_s": speed}
@@ -386,20 +387,41 @@ def save_convergence(fig, ax, key: str, png: Path) -> None:
 # ==== DisBack =========================================================================================================
 
 
-def compare_with_dmd(config: dict, metrics: dict) -> dict:
-    """Against plain DMD's run with the same settings (dmd_dir), when it exists: the first
-    evaluated update at which each reaches the worse of the two final values, and a plot."""
-    dmd_metrics = read_json(dmd_dir(config) / "metrics.json")
+def compare_with_dmd(config: dict, metrics: dict, keys) -> dict:
+    """DisBack's run against plain DMD's in dmd_dir(config) (the same --tag), compared only like with like:
+    the same teacher and the same `keys` of the config (DMD's settings: budget, learning rates, evaluation
+    cadence; the seed). Then: the first evaluated update at which each reaches the worse of the two final
+    values, and a plot. Always says which DMD run it read (`dmd_run`), and, where it compared none, why."""
+    folder = dmd_dir(config)
+    dmd_metrics = read_json(folder / "metrics.json")
+    why = dmd_mismatch(config, metrics, dmd_metrics, keys)
     key = quality_key(metrics["final"])
-    if key is None or key not in dmd_metrics.get("final", {}):
-        return {}
+    if why is None and (key is None or key not in dmd_metrics["final"]):
+        why = "the two runs share no measurement"
+    if why is not None:
+        return {"dmd_run": str(folder), "compared": False, "why": why}
     curves = {"DMD": dmd_metrics["history"], "DisBack": metrics["history"]}
     target = max(curves["DMD"][-1][key], curves["DisBack"][-1][key])
     reached = {name: next((h["step"] for h in hist if h[key] <= target), None) for name, hist in curves.items()}
     plot_disback_convergence(curves, key, metrics["teacher_reached_at"], disback_dir(config) / "convergence_vs_dmd.png")
-    return {"metric": key, "target": target, "updates_to_target": reached,
+    return {"dmd_run": str(folder), "compared": True, "metric": key, "target": target, "updates_to_target": reached,
             "final": {name: hist[-1][key] for name, hist in curves.items()},
             "disback_recording_updates": config["record_iterations"] if config["snapshots"] else 0}
+
+
+def dmd_mismatch(config: dict, metrics: dict, dmd_metrics: dict, keys) -> str | None:
+    """Why plain DMD's metrics.json is not this run's like (None: it is)."""
+    if not dmd_metrics:
+        return (f"there is no finished DMD run in {dmd_dir(config)}; make one with the same settings "
+                f"(`python dmd.py --preset {config['preset']} --steps {config['steps']}"
+                f"{' --tag ' + config['tag'] if config['tag'] else ''} ...`)")
+    if "config" not in dmd_metrics:
+        return "its metrics.json does not record its settings (an older version wrote it); run it again"
+    if dmd_metrics.get("teacher") != metrics["teacher"]:
+        return f"it was trained from another teacher (weights {dmd_metrics.get('teacher')} vs {metrics['teacher']})"
+    diff = [f"{k}={dmd_metrics['config'].get(k)!r} (DisBack: {config[k]!r})" for k in keys
+            if dmd_metrics["config"].get(k) != config[k]]
+    return f"its settings differ: {', '.join(diff)}" if diff else None
 
 
 def plot_disback_convergence(curves: dict, key: str, teacher_reached_at: int, png: Path) -> None:
