@@ -87,6 +87,7 @@ class Row:
     sample: object  # (z, labels, steps) -> x
     source: str
     weights: str | None = None  # the sampler and its weights' fingerprint: a script's own measurement is re-used
+    conditional: bool = False  # class-balanced labels also on toy data (guided students need a class)
     metrics: dict = field(default_factory=dict)
 
 
@@ -97,9 +98,10 @@ def ddim_sampler(model):
     return lambda z, c, n: ddim_sample(model, z, n, c)
 
 
-def guided_sampler(model, w: float, config: EvalConfig):
-    """Class-balanced labels at w: w = 0 is the conditional model, whose class mixture is the data."""
-    return lambda z, c, n: sample(model, z, balanced_labels(len(z), config.num_classes).to(z.device), w, n)
+def guided_sampler(model, w: float):
+    """The student at w with the labels it is given (class-balanced ones: its Row is `conditional`); w = 0 is the
+    conditional model, whose class mixture is the data."""
+    return lambda z, c, n: sample(model, z, c, w, n)
 
 
 def generator_sampler(model):
@@ -138,9 +140,9 @@ def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row],
                                        f", not --guided-w {w:g}")
                         break
                     model = prepared(frozen_denoiser(config, state["model"], device, w_embedding=True), config, device)
-                    fn = guided_sampler(model, w, config)
+                    fn = guided_sampler(model, w)
                     single = "" if trained.get("single_w") is None else ", single-w"
-                    found.append(Row(f"guided (w = {w:g}{single})", n, n, fn, str(path)))
+                    found.append(Row(f"guided (w = {w:g}{single})", n, n, fn, str(path), conditional=True))
         else:
             for folder in sorted(out.glob(pattern)):
                 path = folder / "checkpoint.pt"
@@ -195,7 +197,7 @@ def evaluate_all(config: EvalConfig) -> dict:
     for row in rows:
         folder = out / "evaluation" / slug(row)
         row.metrics = evaluate_sampler(row.sample, measured, folder, [row.steps], device,
-                                       title=f"{row.method} ", weights=row.weights)[row.steps]
+                                       title=f"{row.method} ", weights=row.weights, balanced=row.conditional)[row.steps]
         row.metrics["samples_per_s"] = samples_per_second(lambda r=row: r.sample(z_speed, c_speed, r.steps),
                                                           len(z_speed), device, repeats=3)
         print(f"  {row.method:<24} {row.steps:>4} steps  " + "  ".join(

@@ -217,7 +217,7 @@ def in_batches(sample, z: torch.Tensor, labels: torch.Tensor, device, batch: int
 
 
 def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: str = "",
-                     weights: str | None = None) -> dict:
+                     weights: str | None = None, balanced: bool = False) -> dict:
     """Sample with `sample(z, labels, steps) -> x` at each step count, on the noise every
     script shares (seeded by `eval_seed`; any noise the sampler draws itself is seeded too), and measure.
 
@@ -225,7 +225,8 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
     and one scatter picture `samples.png`. Images: `eval_samples` class-balanced samples in batches,
     `plumbing.image_metrics.ImageQuality` (Frechet distance, class accuracy), and a grid
     `samples_<steps>.png` of the first `picture_count`, one column per class; a sampler of more than
-    `fd_max_steps` steps gets the grid only. Returns {steps: metrics}.
+    `fd_max_steps` steps gets the grid only. `balanced`: class-balanced labels on toy data too (guided
+    students, which need a class). Returns {steps: metrics}.
 
     `weights` (images): what is sampled, e.g. "ddim:" and the `fingerprint` of the weights. A measurement
     of the same weights at the same steps, noise, sample count and metric is then kept in the run folder's
@@ -245,8 +246,9 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
         z = torch.randn((n, *sample_shape(config)), generator=g)
         if known is not None:  # measured before: only the picture is drawn
             z = z[:picture_count(config)]
-        labels = torch.full((n,), config["num_classes"]) if toy else balanced_labels(n, config["num_classes"])
-        # (toy: unconditional, the null label; images: every class equally often)
+        unconditional = toy and not balanced
+        labels = torch.full((n,), config["num_classes"]) if unconditional else balanced_labels(n, config["num_classes"])
+        # (toy: unconditional, the null label; images and `balanced`: every class equally often)
         # Samplers that draw fresh noise between steps (DMD2's multi-step generator) draw it from the
         # global RNG: seed it here, and give it back afterwards, so the numbers do not depend on the caller.
         with seeded_rng(config["eval_seed"] + steps, device):
