@@ -217,7 +217,7 @@ def probe_at_w_max(config: GuidedConfig):
 
 
 def train_stage_one(teacher: Denoiser, config: GuidedConfig, device, out: Path, log: LogWriter,
-                    probe_sampler) -> Denoiser:
+                    probe_sampler) -> tuple[Denoiser, float]:
     """Stage one: the w-conditioned student x_hat_eta1 learns the guided teacher, w ~ U[w_min, w_max].
     `probe_sampler(model, z, steps)` samples at w_max, as in stage two's diagnostic."""
 

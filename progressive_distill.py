@@ -177,10 +177,11 @@ def probe_gap(student, sampler, z: torch.Tensor, steps: int, x_teacher: torch.Te
 
 
 def train_student(student: Denoiser, teacher: Denoiser, batch_loss, lr: float, iterations: int, seed: int,
-                  config: PDConfig, device, loop_args: dict, probe, record: dict) -> Denoiser:
+                  config: PDConfig, device, loop_args: dict, probe, record: dict) -> tuple[Denoiser, float]:
     """The loop of every PD round (and of guided distillation's stage one): Adam with the learning rate
     annealed linearly to 0 (Alg. 2), `batch_loss(student, teacher, x, labels) -> (per-example loss, t)`;
-    `probe(student) -> {name: teacher-vs-student error on shared noise}` at every log line."""
+    `probe(student) -> {name: teacher-vs-student error on shared noise}` at every log line, off the training
+    clock. Returns the frozen student and its training seconds."""
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     stream = BatchStream({**config, "batch_size": config.pd_batch_size}, device, seed)
     loop = Loop(config=config, total=iterations, state={"model": student, "opt": opt, "stream": stream}, **loop_args)
@@ -193,12 +194,14 @@ def train_student(student: Denoiser, teacher: Denoiser, batch_loss, lr: float, i
         loss = per_example.mean()
         grad_norm = optimizer_step(opt, loss, student, config.grad_clip)
         if loop.due(config.log_every):
-            loop.log(**record, loss=loss, grad_norm=grad_norm, **probe(student), **loss_by_t_bucket(per_example, t))
-    return frozen(student)
+            with loop.off_the_clock():  # a diagnostic, not training: N student and 2N teacher steps
+                gap = probe(student)
+            loop.log(**record, loss=loss, grad_norm=grad_norm, **gap, **loss_by_t_bucket(per_example, t))
+    return frozen(student), loop.seconds
 
 
 def train_round(teacher: Denoiser, n_steps: int, config: PDConfig, device, out: Path, log: LogWriter,
-                batch_loss=None, probe_sampler=None, keys=ROUND_KEYS) -> Denoiser:
+                batch_loss=None, probe_sampler=None, keys=ROUND_KEYS) -> tuple[Denoiser, float]:
     """Alg. 2's inner loop: a student whose N = n_steps DDIM steps match the teacher's 2N.
 
     `batch_loss(student, teacher, x, labels, n_steps) -> (per-example loss, t)` and

@@ -4,6 +4,7 @@ a short ladder with an exact mid-round resume, and clear errors."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,24 @@ def test_short_ladder_with_mid_round_resume(tmp_path, toy_teacher, monkeypatch):
     monkeypatch.undo()
     pd.progressive_distillation(early, resume=True)
     assert log_records(tmp_path / "early" / "pd") == log_records(out)
+
+
+def test_the_probe_runs_off_the_training_clock(tmp_path, monkeypatch):
+    # PD's probe (N student and 2N teacher steps at every log line; 8192 teacher steps once per round on cifar10)
+    # is a diagnostic: made slow here (0.5 s a call, 4 calls), it must not show in the round's training time.
+    fields = dict(out_dir=str(tmp_path), device="cpu", iterations=5, eval_steps=[1], eval_samples=100)
+    load_teacher(TeacherConfig.from_preset("toy", **fields), torch.device("cpu"))  # trains a 5-update teacher
+    real = pd.probe_gap
+
+    def slow_probe(*args):
+        time.sleep(0.5)
+        return real(*args)
+
+    monkeypatch.setattr(pd, "probe_gap", slow_probe)
+    config = pd.PDConfig.from_preset("toy", **fields, start_steps=2, to_steps=1, round_iterations=4, log_every=1)
+    student = pd.progressive_distillation(config)["students"]["1"]
+    assert len([r for r in log_records(tmp_path / "pd") if "student_vs_teacher_mse" in r]) == 4  # probed 4 times
+    assert student["round_time_s"] < 1.0, student  # 4 toy updates; the probes' 2 s are not in it
 
 
 def test_students_sample_with_and_without_labels(tmp_path, toy_teacher):
