@@ -320,7 +320,11 @@ class MLPDenoiserNet(nn.Module):
 
 
 def group_norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, ch // 4), ch)
+    """GroupNorm with min(32, ch / 4) groups (DDPM's 32 on its wide layers), which must divide the channels."""
+    groups = min(32, ch // 4)
+    if groups < 1 or ch % groups:
+        raise ValueError(f"a layer of {ch} channels does not split into GroupNorm's {groups} groups")
+    return nn.GroupNorm(groups, ch)
 
 
 def zero_init(module: nn.Module) -> nn.Module:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -56,7 +57,15 @@ class Config:
         self.check()
 
     def check(self) -> None:
-        """One-line errors for values that make no sense; each class adds its own."""
+        """One-line errors for values that make no sense; each class adds its own. Here, for every class:
+        numbers are finite, and learning rates (`lr`, `*_lr`) above 0."""
+        for f in dataclasses.fields(self):
+            value = self[f.name]
+            for v in value if isinstance(value, list) else [value]:
+                require(not isinstance(v, float) or math.isfinite(v),
+                        f"{flag(f.name)} must be a finite number, got {v}")
+            if f.name == "lr" or f.name.endswith("_lr"):
+                require(value > 0, f"{flag(f.name)} must be above 0, got {value}")
 
     # -- presets ---------------------------------------------------------------------------
 

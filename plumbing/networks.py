@@ -5,16 +5,21 @@ from __future__ import annotations
 
 from common import Denoiser, MLPDenoiserNet, UNet
 from plumbing.config import image_size
+from plumbing.errors import UserError
 
 
 def build_network(config: dict):
-    """The preset's network, from the resolved config."""
+    """The preset's network, from the resolved config; channel counts GroupNorm cannot split are one line."""
     if config["net"] == "mlp":
         return MLPDenoiserNet(config["num_classes"], hidden=config["hidden"], depth=config["depth"])
-    return UNet(config["num_classes"], in_ch=config["in_ch"], channels=config["channels"],
-                ch_mult=tuple(config["ch_mult"]), num_res_blocks=config["num_res_blocks"],
-                attn_res=tuple(config["attn_res"]), dropout=config["dropout"],
-                resolution=image_size(config))  # attention placed by the real input size
+    try:
+        return UNet(config["num_classes"], in_ch=config["in_ch"], channels=config["channels"],
+                    ch_mult=tuple(config["ch_mult"]), num_res_blocks=config["num_res_blocks"],
+                    attn_res=tuple(config["attn_res"]), dropout=config["dropout"],
+                    resolution=image_size(config))  # attention placed by the real input size
+    except ValueError as e:  # common.group_norm: a width its groups do not divide
+        raise UserError(f"--channels {config['channels']} with --ch-mult {' '.join(map(str, config['ch_mult']))}: "
+                        f"{e}; a --channels that is a multiple of 32 always splits") from None
 
 
 def frozen_denoiser(config: dict, weights: dict, device, w_embedding: bool = False) -> Denoiser:

@@ -154,15 +154,16 @@ def load_checkpoint(path, what: str = "checkpoint") -> dict:
         raise UserError(f"{what} not found at {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not zipfile.is_zipfile(path):  # not torch.save's format: a truncated or foreign file
-            raise UserError(f"{what} at {path} cannot be read ({type(e).__name__}); delete it and rerun") from None
-        # weights_only refused an object: code, or a checkpoint from before checkpoints held only tensors
-        raise UserError(f"{what} at {path} holds objects other than tensors and plain values (it could run code "
-                        "when loaded), so it was not loaded; delete it and rerun, or use a checkpoint you trust "
-                        "made by this version") from None
-    except Exception as e:  # a truncated or foreign file
-        raise UserError(f"{what} at {path} cannot be read ({type(e).__name__}); delete it and rerun") from None
+    except Exception as e:  # never advise deleting a file this project did not write
+        if not zipfile.is_zipfile(path):  # save_checkpoint writes whole torch.save files (atomically) or none
+            raise UserError(f"{what} at {path} cannot be read: it is not in torch.save's format, so not a "
+                            "checkpoint this project wrote; check the path") from None
+        if isinstance(e, pickle.UnpicklingError):  # weights_only refused an object: code, or an older format
+            raise UserError(f"{what} at {path} holds objects other than tensors and plain values (it could run "
+                            "code when loaded), so it was not loaded; use a checkpoint you trust made by this "
+                            "version (one an older version of this project wrote is made anew once deleted)") from None
+        raise UserError(f"{what} at {path} cannot be read ({type(e).__name__}): a damaged or foreign torch file; "
+                        "if this project wrote it, delete it and rerun, otherwise check the path") from None
 
 
 def fingerprint(state_dict: dict) -> str:

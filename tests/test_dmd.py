@@ -164,6 +164,17 @@ def test_lpips_unavailable_says_which_flag(tmp_path):
         assert "--reg-loss pseudo-huber" in str(e)
 
 
+def test_a_file_the_project_did_not_write_is_not_offered_for_deletion(tmp_path):
+    foreign = tmp_path / "passwd"  # `dmd.py --teacher /etc/passwd`
+    foreign.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(UserError) as refused:
+        dmd.main(["--preset", "toy", "--out-dir", str(tmp_path / "run"), "--teacher", str(foreign), "--device", "cpu"])
+    message = str(refused.value)
+    assert f"teacher checkpoint at {foreign} cannot be read" in message and "check the path" in message, message
+    assert "delete" not in message, message
+    assert foreign.read_text().startswith("root:")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--steps", "0"], "--steps must be at least 1"),
     (["--reg-loss", "l1"], "unknown --reg-loss 'l1'"),
