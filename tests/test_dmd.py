@@ -155,13 +155,23 @@ def test_regression_losses():
     assert dmd.regression_loss(x, x, "pseudo-huber").item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_lpips_unavailable_says_which_flag(tmp_path):
+def test_lpips_unavailable_says_which_flag(monkeypatch):
+    # Both ways LPIPS can be missing are made to happen (it loads where its weights are cached or downloadable).
     with pytest.raises(UserError, match="needs images"):
         load_lpips(dmd.DMDConfig.from_preset("toy"), "cpu")
-    try:  # offline: either torchmetrics is missing or its weights cannot be downloaded
-        load_lpips(dmd.DMDConfig.from_preset("fmnist"), "cpu")
-    except UserError as e:
-        assert "--reg-loss pseudo-huber" in str(e)
+    fmnist = dmd.DMDConfig.from_preset("fmnist")
+    monkeypatch.setitem(sys.modules, "torchmetrics.image.lpip", None)  # torchmetrics (or its LPIPS) not installed
+    with pytest.raises(UserError, match=r"needs torchmetrics \(pip install torchmetrics\); or use --reg-loss pseudo"):
+        load_lpips(fmnist, "cpu")
+    monkeypatch.undo()
+    lpip = pytest.importorskip("torchmetrics.image.lpip")
+
+    def no_weights(*args, **kwargs):
+        raise OSError("the VGG weights cannot be downloaded")
+
+    monkeypatch.setattr(lpip, "LearnedPerceptualImagePatchSimilarity", no_weights)
+    with pytest.raises(UserError, match=r"LPIPS weights cannot be loaded \(OSError\); use --reg-loss pseudo-huber"):
+        load_lpips(fmnist, "cpu")
 
 
 def test_a_file_the_project_did_not_write_is_not_offered_for_deletion(tmp_path):
