@@ -76,23 +76,33 @@ NORMALISER_EPS = 1e-6
 
 @dataclass
 class DMDConfig(TeacherConfig):
-    """DMD (defaults: the paper's CIFAR-10 settings, docs/methods.md 3.4)"""
+    """DMD (defaults: the paper's CIFAR-10 settings where it states them, docs/methods.md 3.4)
 
-    steps: int = 1                    # generator steps K: 1 is DMD's one-step generator, 2 or 4 DMD2's multi-step one
-    dmd_iterations: int = 200_000     # generator updates
+    Each field's comment says where its default comes from: the DMD paper, DMD2, a public
+    re-implementation, or this project (where neither paper states a value). Two defaults are not DMD's:
+    - `dmd_label_dropout` 0.1: DMD's CIFAR-10 generator is class-conditional (DMD2's code draws class
+      labels only, never a null label); 0.1 is the teacher's label dropout, so that the unconditional
+      model is distilled beside the conditional one.
+    - `grad_clip` 1.0 (inherited from TeacherConfig: the PD paper's clip for teacher training) clips both
+      the generator's and the fake score's gradient norm. DMD states no clip; DMD2's code clips both at
+      10 (`--max_grad_norm`'s default in main/edm/train_edm.py of tianweiy/DMD2, kept by its ImageNet scripts).
+    """
+
+    steps: int = 1                    # generator steps K (DMD's one-step generator: 1; DMD2's multi-step one: 2, 4)
+    dmd_iterations: int = 200_000     # generator updates (this project's budget: docs/methods.md 3.4 lists none)
     dmd_batch_size: int = 392         # generator batch (global under torchrun), also the fake score's (paper: 392)
     gen_lr: float = 5e-5              # generator AdamW learning rate, weight decay 0.01 (paper: 5e-5)
     fake_lr: float = 5e-5             # fake score AdamW learning rate (paper: 5e-5)
     fake_updates: int = 1             # fake-score updates per generator update (DMD: 1; DMD2's TTUR: 5)
     reg_weight: float = 0.25          # weight of the regression loss (paper: 0.25; 0 disables it, as DMD2)
-    reg_loss: str = "lpips"           # regression distance: lpips (paper; needs its weights), mse or pseudo-huber
-    reg_pairs: int = 100_000          # size of the regression set of (noise, teacher sample) pairs
-    reg_steps: int = 64               # teacher DDIM steps that make the regression pairs
-    real_guidance: float = 0.0        # classifier-free guidance weight w of the real score (0: none)
-    gen_ema: float = 0.9999           # EMA decay of the generator's weights, the one evaluated (0: no EMA)
-    lr_decay: bool = False            # anneal both learning rates linearly to 0 over the run
-    dmd_label_dropout: float = 0.1    # probability of training on the null label (1.0: unconditional)
-    eval_every: int = 10_000          # generator updates between metrics and pictures
+    reg_loss: str = "lpips"           # regression distance: lpips, mse or pseudo-huber (paper: lpips; needs weights)
+    reg_pairs: int = 100_000          # (noise, teacher sample) pairs in the regression set (a re-implementation: 100k)
+    reg_steps: int = 64               # teacher DDIM steps that make the pairs (this project; the paper: an ODE solver)
+    real_guidance: float = 0.0        # classifier-free guidance weight w of the real score (0: none, as on CIFAR-10)
+    gen_ema: float = 0.9999           # EMA decay of the generator's weights, which is evaluated (0: none; this project)
+    lr_decay: bool = False            # anneal both learning rates linearly to 0 over the run (DMD2's code: constant)
+    dmd_label_dropout: float = 0.1    # probability of training on the null label (1.0: unconditional; not DMD's, above)
+    eval_every: int = 10_000          # generator updates between metrics and pictures (this project)
     tag: str = ""                     # suffix of the run folder, to keep variants apart (e.g. noreg)
 
     PRESETS: ClassVar[dict] = {

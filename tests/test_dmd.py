@@ -1,5 +1,6 @@
 """DMD: the distribution-matching gradient, multi-step sampling, short runs with resume, errors."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from conftest import die_on_call, log_records, with_teacher
 
 import dmd
 from common import diffuse
+from plumbing.config import field_help
 from plumbing.data import GaussianMixture, gaussians8
 from plumbing.errors import UserError
 from plumbing.folders import dmd_dir
@@ -145,6 +147,19 @@ def test_regression_set_is_the_teachers_ddim_and_cached(tmp_path, toy_teacher):
     assert (pairs["labels"] == 8).all()  # the toy preset distils the unconditional model
     again = dmd.regression_pairs(teacher, config, torch.device("cpu"))
     assert torch.equal(again["y"], pairs["y"])
+
+
+def test_the_config_says_where_each_default_comes_from():
+    # The defaults read as the paper's CIFAR-10 settings; each comment (its --help) names its source, and the
+    # two that are not DMD's say so.
+    helps = field_help(dmd.DMDConfig)
+    sources = ("paper", "DMD", "this project", "re-implementation", "CIFAR-10")
+    last = {name: re.search(r"\(([^()]*)\)$", helps[name]) for name in dmd.DMDConfig.own_fields() if name != "tag"}
+    unsourced = [name for name, found in last.items() if not (found and any(s in found.group(1) for s in sources))]
+    assert not unsourced, {name: helps[name] for name in unsourced}
+    doc = " ".join(dmd.DMDConfig.__doc__.split())
+    assert "`dmd_label_dropout` 0.1: DMD's CIFAR-10 generator is class-conditional" in doc
+    assert "`grad_clip` 1.0 (inherited from TeacherConfig" in doc and "DMD2's code clips both at 10" in doc
 
 
 def test_regression_losses():
