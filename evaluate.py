@@ -45,7 +45,7 @@ from plumbing.image_metrics import image_quality
 from plumbing.metrics import balanced_labels, evaluate_sampler
 from plumbing.networks import frozen_denoiser
 from plumbing.training import (check_compatible, fingerprint, load_checkpoint, pick_device, prepare_network, run_cli,
-                               samples_per_second, save_figure, seeded_rng)
+                               samples_per_second, save_figure, seeded_rng, write_text)
 from train_teacher import TeacherConfig, load_teacher, require_null_label
 
 
@@ -256,8 +256,7 @@ def write_results(config: EvalConfig, rows: list[Row], missing: list[str], devic
     if missing:
         lines += ["", "Missing:", ""] + [f"- {m}" for m in missing]
     path = Path(config.out_dir) / "results.md"
-    if distributed.is_main():
-        path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     print(f"table: {path}")
 
 

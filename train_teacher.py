@@ -43,7 +43,7 @@ from plumbing.errors import UserError, require
 from plumbing.folders import teacher_dir
 from plumbing.image_metrics import image_quality
 from plumbing.loop import Loop
-from plumbing.metrics import describe, evaluate_sampler, is_measured, picture_count, within_share
+from plumbing.metrics import describe, evaluate_sampler, sample_count, within_share
 from plumbing.networks import build_network, frozen_denoiser
 from plumbing.training import (EMA, LogWriter, autocast, check_compatible, fingerprint, load_checkpoint,
                                optimizer_step, pick_device, prepare_network, run_cli, seed_everything, write_json)
@@ -167,7 +167,7 @@ def training_calls(config: TeacherConfig, iterations: int) -> int:
 def evaluation_cost(config: dict, training: int) -> str:
     """The teacher's image evaluation in network calls, beside its training's."""
     n = config["eval_samples"]
-    calls = sum(steps * (n if is_measured(config, steps) else picture_count(config)) for steps in config["eval_steps"])
+    calls = sum(steps * sample_count(config, steps) for steps in config["eval_steps"])
     return (f"measuring the teacher's DDIM at {config['eval_steps']} steps on {n} samples: {calls:,} network calls, "
             f"{calls / training:.0%} of its training's ~{training:,} (--eval-samples and --eval-steps set it)")
 

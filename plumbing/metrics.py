@@ -204,6 +204,12 @@ def is_measured(config: dict, steps: int) -> bool:
     return config["net"] == "mlp" or steps <= config["fd_max_steps"]
 
 
+def sample_count(config: dict, steps: int) -> int:
+    """How many samples a sampler of `steps` steps draws: `eval_samples` where it is measured, a picture's
+    worth (`picture_count`) where it gets a picture only."""
+    return config["eval_samples"] if is_measured(config, steps) else picture_count(config)
+
+
 def in_batches(sample, z: torch.Tensor, labels: torch.Tensor, device, batch: int | None = None,
                desc: str = "sampling") -> torch.Tensor:
     """`sample(z, labels) -> x` over `batch`-sized slices on `device` (a progress bar when there are
@@ -238,8 +244,7 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
     toy = config["net"] == "mlp"
     results, panels = {}, {}
     for steps in steps_list:
-        measured = is_measured(config, steps)
-        n = config["eval_samples"] if measured else picture_count(config)
+        measured, n = is_measured(config, steps), sample_count(config, steps)
         key, known = (None, None) if toy or not measured or weights is None else \
             stored_measurement(config, device, weights, steps, n)
         g = torch.Generator().manual_seed(config["eval_seed"])

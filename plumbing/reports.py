@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 
 from common import Denoiser, ddim_sample, diffuse, guided
-from plumbing import distributed
 from plumbing.config import sample_shape
 from plumbing.data import toy_dataset
 from plumbing.folders import disback_dir, dmd_dir, teacher_dir
 from plumbing.image_metrics import image_quality
 from plumbing.metrics import (balanced_labels, describe, evaluate_sampler, in_batches, is_measured, picture_count,
-                              quality_key, reference_metrics, sampler_floor, stored_measurement, write_measurement)
-from plumbing.training import (fingerprint, read_json, samples_per_second, save_figure, save_image_grid, save_scatter,
-                               write_json)
+                              quality_key, reference_metrics, sample_count, sampler_floor, stored_measurement,
+                              write_measurement)
+from plumbing.training import (cached, fingerprint, read_json, samples_per_second, save_figure, save_image_grid,
+                               save_scatter, write_json)
 
 # ==== What every report shares ======================================================================================
 
@@ -119,12 +119,12 @@ class GuidedEvaluator:
         self.labels = balanced_labels(n, config["num_classes"])  # guidance needs a class
         self.mixture = toy_dataset(config["data"]) if config["data"] == "gaussians8" else None
         self.references = {}
-        self.teacher_rows = read_json(out / "metrics.json").get("teacher", {}) if resume else {}  # before a resume
-        self.watch = Stopwatch(read_json(out / "metrics.json").get("eval_time_s", 0.0) if resume else 0.0)
+        earlier = read_json(out / "metrics.json") if resume else {}  # what the run had measured before a resume
+        self.teacher_rows, self.watch = earlier.get("teacher", {}), Stopwatch(earlier.get("eval_time_s", 0.0))
 
     def draw(self, sample, z: torch.Tensor, steps: int) -> torch.Tensor:
         """`sample(z, labels) -> x` on the evaluation noise: all of it where it is measured, else a picture's worth."""
-        n = len(z) if is_measured(self.config, steps) else picture_count(self.config)
+        n = sample_count(self.config, steps)
         return in_batches(sample, z[:n], self.labels[:n], self.device, n if self.toy else None)
 
     def guided_teacher(self, w: float, z: torch.Tensor, steps: int) -> torch.Tensor:
@@ -321,17 +321,16 @@ def teacher_speed(teacher, config, device, z: torch.Tensor, labels: torch.Tensor
                   timed_steps: int = 8) -> float:
     """The teacher's `steps`-step DDIM samples/s on this batch. DDIM costs one network call per step, so
     `timed_steps` steps are timed and the rate scaled by timed_steps / steps (on images 256 steps would
-    cost minutes on a CPU); cached beside the teacher per teacher, device type and batch size."""
-    path = teacher_dir(config) / f"speed_ddim{steps}_{torch.device(device).type}_batch{len(z)}.json"
-    distributed.barrier()  # under torchrun every rank looks at once, so that all take the same path
-    cached = read_json(path)
-    if cached.get("teacher") == teacher.fingerprint:
-        return cached["samples_per_s"]
+    cost minutes on a CPU); cached beside the teacher (`cached`) per teacher, device type and batch size."""
+    path = teacher_dir(config) / f"speed_ddim{steps}_{torch.device(device).type}_batch{len(z)}.pt"
     timed = min(steps, timed_steps)
-    speed = samples_per_second(lambda: ddim_sample(teacher, z, timed, labels), len(z), device) * timed / steps
-    write_json(path, {"teacher": teacher.fingerprint, "device": str(device), "samples_per_s": speed,
-                      "timed_steps": timed})
-    return speed
+
+    def measure() -> dict:
+        rate = samples_per_second(lambda: ddim_sample(teacher, z, timed, labels), len(z), device)
+        return {"samples_per_s": rate * timed / steps}
+
+    key = {"teacher": teacher.fingerprint, "timed_steps": timed}
+    return cached(path, key, measure, "teacher speed")["samples_per_s"]
 
 
 def sampling_speed(sampler, teacher, config: dict, device, generate, teacher_steps: int = 256) -> dict:

@@ -216,13 +216,18 @@ def read_json(path) -> dict:
 
 def write_json(path, obj) -> None:
     """Atomically; under torchrun by rank 0, the others waiting until it has."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text(path, text: str) -> None:
+    """A text file written atomically; under torchrun by rank 0, the others waiting until it has."""
     if not distributed.is_main():
         distributed.barrier()
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     distributed.barrier()
 

@@ -16,7 +16,7 @@ from common import Denoiser, MLPDenoiserNet, alpha_sigma, cfg, ddim_sample, ddim
 from plumbing.data import gaussians8
 from plumbing.errors import UserError
 from plumbing.folders import guided_dir
-from plumbing.training import save_checkpoint
+from plumbing.training import save_checkpoint, write_json
 from progressive_distill import pd_target
 from train_teacher import TeacherConfig, load_teacher
 
@@ -201,6 +201,18 @@ def test_both_stages_with_resume_in_each(tmp_path, toy_teacher, monkeypatch):
             assert all(torch.equal(a[k], b[k]) for k in a), (fn, name)
         assert resumed["students"]["1"]["ddim"] == metrics["students"]["1"]["ddim"]
         assert log_records(part_out) == log_records(out), fn  # no line repeated
+
+
+def test_a_resumed_evaluator_reads_the_runs_metrics_once(tmp_path, monkeypatch):
+    from plumbing import reports
+
+    write_json(tmp_path / "metrics.json", {"teacher": {"2": {"4": {"mmd": 0.1}}}, "eval_time_s": 12.5})
+    reads, real = [], reports.read_json
+    monkeypatch.setattr(reports, "read_json", lambda path: reads.append(path) or real(path))
+    config = gd.GuidedConfig.from_preset("toy", out_dir=str(tmp_path), eval_samples=16)
+    evaluator = reports.GuidedEvaluator(TEACHER, config, "cpu", tmp_path, gd.sample, resume=True)
+    assert reads == [tmp_path / "metrics.json"]
+    assert evaluator.teacher_rows == {"2": {"4": {"mmd": 0.1}}} and evaluator.watch.seconds == 12.5
 
 
 def test_sampling_a_saved_student_at_any_trained_w(tmp_path, toy_teacher):

@@ -307,6 +307,22 @@ def test_the_teachers_speed_is_measured_once_per_teacher(tmp_path, toy_teacher, 
     assert calls  # measured again for another teacher
 
 
+def test_the_teachers_speed_is_kept_like_every_cache(tmp_path, monkeypatch):
+    # One cache helper (plumbing.training.cached) for the regression set, the classifier and the teacher's speed:
+    # keyed on the teacher's weights and the timed steps, in a file per device type and batch size.
+    from common import Denoiser, MLPDenoiserNet
+    from plumbing import reports
+
+    teacher = Denoiser(MLPDenoiserNet(8, hidden=16, depth=1)).eval().requires_grad_(False)
+    teacher.fingerprint = "t0"
+    kept, real = [], reports.cached
+    monkeypatch.setattr(reports, "cached", lambda path, key, make, what: kept.append((path.name, key)) or
+                        real(path, key, make, what))
+    config = TeacherConfig.from_preset("toy", out_dir=str(tmp_path))
+    speed = reports.teacher_speed(teacher, config, CPU, torch.randn(32, 2), torch.full((32,), 8), 16)
+    assert kept == [("speed_ddim16_cpu_batch32.pt", {"teacher": "t0", "timed_steps": 8})] and speed > 0
+    assert reports.teacher_speed(teacher, config, CPU, torch.randn(32, 2), torch.full((32,), 8), 16) == speed
+
 
 def test_the_teachers_speed_is_scaled_from_a_few_steps(tmp_path, toy_teacher, monkeypatch):
     # DDIM costs one call per step: 8 timed steps, scaled to 64, land near a real 64-step measurement,

@@ -99,6 +99,18 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
+def test_text_files_are_written_atomically_by_rank_0_alone(tmp_path, monkeypatch):
+    from plumbing import distributed
+
+    training.write_text(tmp_path / "a" / "results.md", "| table |\n")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["results.md"]  # no temporary file left behind
+    assert (tmp_path / "a" / "results.md").read_text() == "| table |\n"
+    monkeypatch.setattr(distributed, "is_main", lambda: False)  # another process under torchrun: it writes nothing
+    training.write_text(tmp_path / "b.md", "x")
+    training.write_json(tmp_path / "c.json", {})
+    assert not (tmp_path / "b.md").exists() and not (tmp_path / "c.json").exists()
+
+
 def test_load_teacher_errors(tmp_path):
     config = tiny(tmp_path, iterations=5, hidden=32)
     with pytest.raises(UserError, match="not found"):
