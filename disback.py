@@ -37,14 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-
-from common import (UserError, check_same_teacher, load_checkpoint, pick_device, run_cli, save_checkpoint,
-                    seed_everything, trainable_copy, write_json)
-from dmd import DMDConfig, adamw, fake_score_loss, generator_samples, noise_and_labels, train_dmd
-from plumbing.config import parse_config, require
+from common import trainable_copy
+from dmd import (DMDConfig, Variant, adamw, check_null_label, fake_score_loss, generator_samples, noise_and_labels,
+                 train_dmd)
+from plumbing.config import parse_config
+from plumbing.errors import UserError, require
+from plumbing.folders import disback_dir
 from plumbing.loop import Loop
 from plumbing.reports import compare_with_dmd
-from plumbing.training import optimizer_step
+from plumbing.training import (check_same_teacher, load_checkpoint, optimizer_step, pick_device, run_cli,
+                               save_checkpoint, seed_everything, write_json)
 from train_teacher import TeacherConfig, load_teacher
 
 
@@ -75,10 +77,9 @@ RUN_KEYS = (*DisBackConfig.run_keys(TeacherConfig), "grad_clip")
 # What the recorded path depends on (besides the teacher's weights): DisBack's recording fields and G_0's samples.
 PATH_KEYS = (*(k for k in DisBackConfig.own_fields() if k != "interval"), "steps", "dmd_batch_size",
              "dmd_label_dropout", "seed")
-
-
-def disback_dir(config: DisBackConfig) -> Path:
-    return Path(config.out_dir) / (f"disback_{config.steps}step" + (f"_{config.tag}" if config.tag else ""))
+# What plain DMD's run must share with this one to be compared with it: every DMD setting (the budget, learning
+# rates, evaluation cadence and tag among them), the seed, the clip and the evaluation's noise; and the teacher.
+COMPARED_KEYS = (*DMDConfig.own_fields(), "seed", "grad_clip", "eval_samples", "eval_seed")
 
 
 # ==== Stage 1: recording the degradation path s'_0 = teacher -> s'_N (fits G_0) =======================================
@@ -161,14 +162,14 @@ def train_disback(config: DisBackConfig, resume: bool = False) -> dict:
     out = disback_dir(config)
     if ((out / "checkpoint.pt").exists() or (out / "snapshots").exists()) and not resume:
         raise UserError(f"{out} holds an earlier run; pass --resume to continue it, or --tag for a new run")
+    check_null_label(config)  # before the path is recorded
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
     paths = record_degradation(teacher, config, device, out / "snapshots") if config.snapshots else []
     path = BacktrackingPath(teacher, paths, config.interval)
     fake_start = load_checkpoint(paths[-1], "DisBack snapshot")["model"] if paths else None  # s'_N
-    metrics = train_dmd(config, resume=resume, out=out, real_score_at=path, fake_start=fake_start,
-                        run_keys=RUN_KEYS)
+    metrics = train_dmd(config, resume, Variant(out=out, real_score=path, fake_start=fake_start, run_keys=RUN_KEYS))
     metrics["teacher_reached_at"] = max(len(paths) - 1, 0) * config.interval
-    metrics["comparison"] = compare_with_dmd(config, metrics)
+    metrics["comparison"] = compare_with_dmd(config, metrics, COMPARED_KEYS)
     write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -198,9 +199,12 @@ def main(argv=None) -> None:
     final = metrics["final"]
     if "off_mode" in final:
         print(f"{config.steps}-step generator: off-mode {final['off_mode']:.1%}, MMD {final['mmd']:.4f}")
-    if metrics["comparison"]:
-        c = metrics["comparison"]
-        print(f"updates to reach {c['metric']} {c['target']:.4f}: {c['updates_to_target']}")
+    c = metrics["comparison"]
+    if c["compared"]:
+        print(f"against DMD's run in {c['dmd_run']}: updates to reach {c['metric']} {c['target']:.4f}: "
+              f"{c['updates_to_target']}")
+    else:
+        print(f"not compared with DMD: {c['why']}")
     print(f"everything in {disback_dir(config)}")
 
 

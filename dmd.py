@@ -48,6 +48,7 @@ Deliberate differences from the papers:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -55,16 +56,18 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from common import (EMA, UserError, check_same_teacher, ddim_sample, diffuse, diffusion_loss, guided, no_grad_fp32,
-                    pick_device, run_cli, seed_everything, trainable_copy)
-from plumbing.config import parse_config, require, sample_shape
+from common import ddim_sample, diffuse, diffusion_loss, guided, no_grad_fp32, trainable_copy
+from plumbing.config import parse_config, sample_shape
 from plumbing.distributed import per_process
+from plumbing.errors import UserError, require
+from plumbing.folders import dmd_dir, teacher_dir
 from plumbing.image_metrics import load_lpips
 from plumbing.loop import Loop
 from plumbing.metrics import image_batch
-from plumbing.reports import DMDMonitor, dmd_report, print_dmd_summary
-from plumbing.training import autocast, cached, optimizer_step, progress
-from train_teacher import TeacherConfig, load_teacher, teacher_dir
+from plumbing.reports import DMDMonitor, print_dmd_summary
+from plumbing.training import (EMA, autocast, cached, check_same_teacher, optimizer_step, pick_device, progress,
+                               run_cli, seed_everything)
+from train_teacher import TeacherConfig, load_teacher, require_null_label
 
 REG_LOSSES = ("mse", "pseudo-huber", "lpips")
 DM_T_MIN, DM_T_MAX = 0.02, 0.98  # the distribution-matching loss's time range (paper: 0.02 T to 0.98 T)
@@ -73,23 +76,33 @@ NORMALISER_EPS = 1e-6
 
 @dataclass
 class DMDConfig(TeacherConfig):
-    """DMD (defaults: the paper's CIFAR-10 settings, docs/methods.md 3.4)"""
+    """DMD (defaults: the paper's CIFAR-10 settings where it states them, docs/methods.md 3.4)
 
-    steps: int = 1                    # generator steps K: 1 is DMD's one-step generator, 2 or 4 DMD2's multi-step one
-    dmd_iterations: int = 200_000     # generator updates
+    Each field's comment says where its default comes from: the DMD paper, DMD2, a public
+    re-implementation, or this project (where neither paper states a value). Two defaults are not DMD's:
+    - `dmd_label_dropout` 0.1: DMD's CIFAR-10 generator is class-conditional (DMD2's code draws class
+      labels only, never a null label); 0.1 is the teacher's label dropout, so that the unconditional
+      model is distilled beside the conditional one.
+    - `grad_clip` 1.0 (inherited from TeacherConfig: the PD paper's clip for teacher training) clips both
+      the generator's and the fake score's gradient norm. DMD states no clip; DMD2's code clips both at
+      10 (`--max_grad_norm`'s default in main/edm/train_edm.py of tianweiy/DMD2, kept by its ImageNet scripts).
+    """
+
+    steps: int = 1                    # generator steps K (DMD's one-step generator: 1; DMD2's multi-step one: 2, 4)
+    dmd_iterations: int = 200_000     # generator updates (this project's budget: docs/methods.md 3.4 lists none)
     dmd_batch_size: int = 392         # generator batch (global under torchrun), also the fake score's (paper: 392)
     gen_lr: float = 5e-5              # generator AdamW learning rate, weight decay 0.01 (paper: 5e-5)
     fake_lr: float = 5e-5             # fake score AdamW learning rate (paper: 5e-5)
     fake_updates: int = 1             # fake-score updates per generator update (DMD: 1; DMD2's TTUR: 5)
     reg_weight: float = 0.25          # weight of the regression loss (paper: 0.25; 0 disables it, as DMD2)
-    reg_loss: str = "lpips"           # regression distance: lpips (paper; needs its weights), mse or pseudo-huber
-    reg_pairs: int = 100_000          # size of the regression set of (noise, teacher sample) pairs
-    reg_steps: int = 64               # teacher DDIM steps that make the regression pairs
-    real_guidance: float = 0.0        # classifier-free guidance weight w of the real score (0: none)
-    gen_ema: float = 0.9999           # EMA decay of the generator's weights, the one evaluated (0: no EMA)
-    lr_decay: bool = False            # anneal both learning rates linearly to 0 over the run
-    dmd_label_dropout: float = 0.1    # probability of training on the null label (1.0: unconditional)
-    eval_every: int = 10_000          # generator updates between metrics and pictures
+    reg_loss: str = "lpips"           # regression distance: lpips, mse or pseudo-huber (paper: lpips; needs weights)
+    reg_pairs: int = 100_000          # (noise, teacher sample) pairs in the regression set (a re-implementation: 100k)
+    reg_steps: int = 64               # teacher DDIM steps that make the pairs (this project; the paper: an ODE solver)
+    real_guidance: float = 0.0        # classifier-free guidance weight w of the real score (0: none, as on CIFAR-10)
+    gen_ema: float = 0.9999           # EMA decay of the generator's weights, which is evaluated (0: none; this project)
+    lr_decay: bool = False            # anneal both learning rates linearly to 0 over the run (DMD2's code: constant)
+    dmd_label_dropout: float = 0.1    # probability of training on the null label (1.0: unconditional; not DMD's, above)
+    eval_every: int = 10_000          # generator updates between metrics and pictures (this project)
     tag: str = ""                     # suffix of the run folder, to keep variants apart (e.g. noreg)
 
     PRESETS: ClassVar[dict] = {
@@ -250,10 +263,6 @@ def real_score_of(teacher, config: DMDConfig):
 # ==== Training ========================================================================================================
 
 
-def run_dir(config: DMDConfig) -> Path:
-    return Path(config.out_dir) / (f"dmd_{config.steps}step" + (f"_{config.tag}" if config.tag else ""))
-
-
 def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.999))
 
@@ -295,40 +304,46 @@ def generator_update(generator, opt, real_score, fake_score, z, labels, pairs: d
 RUN_KEYS = (*DMDConfig.run_keys(TeacherConfig), "grad_clip")
 
 
-def train_dmd(config: DMDConfig, resume: bool = False, out: Path | None = None, real_score_at=None,
-              fake_start: dict | None = None, run_keys=RUN_KEYS) -> dict:
-    """The loop above. DisBack (disback.py) reuses it unchanged apart from four arguments: its run
-    folder `out`, `real_score_at(step)`, the real score for generator update `step` (DMD: always
-    the teacher), `fake_start`, the fake score's initial weights (DMD: the teacher's), and
-    `run_keys`, the settings a resumed checkpoint must share (DisBack adds its path's)."""
-    device = pick_device(config.device)
-    out = out or run_dir(config)
+@dataclass
+class Variant:
+    """What a variant of DMD changes in its loop, in one place: DisBack (disback.py), whose real score
+    walks back along a recorded path. `Variant()` is DMD itself."""
+
+    out: Path | None = None                  # the run folder (DMD: dmd_dir(config))
+    real_score: Callable | None = None       # real_score(i) -> mu_real for generator update i (DMD: the teacher)
+    fake_start: dict | None = None           # the fake score's first weights (DMD: the teacher's)
+    run_keys: tuple = RUN_KEYS               # what a resumed checkpoint must share (DisBack adds its path's)
+
+
+def train_dmd(config: DMDConfig, resume: bool = False, variant: Variant | None = None) -> dict:
+    """The loop above; DisBack runs it with its `variant` (disback.py)."""
+    variant, device = variant or Variant(), pick_device(config.device)
+    out = variant.out or dmd_dir(config)
     if (out / "checkpoint.pt").exists() and not resume:  # before any teacher training or regression set
         raise UserError(f"{out} holds an earlier run; pass --resume to continue it, or --tag for a new run")
+    check_null_label(config)
     lpips = load_lpips(config, device) if config.reg_weight > 0 and config.reg_loss == "lpips" else None
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
-    if real_score_at is None:
-        real_score = real_score_of(teacher, config)
-
-        def real_score_at(step):
-            return real_score
+    mu_real = real_score_of(teacher, config)
+    real_score = variant.real_score or (lambda step: mu_real)  # DMD: the teacher at every update
     pairs = regression_pairs(teacher, config, device) if config.reg_weight > 0 else None
 
     seed_everything(config.seed)
     generator, fake_score = trainable_copy(teacher), trainable_copy(teacher)  # both start as the teacher
-    if fake_start is not None:
-        fake_score.load_state_dict(fake_start)
+    if variant.fake_start is not None:
+        fake_score.load_state_dict(variant.fake_start)
     gen_opt, fake_opt = adamw(generator, config.gen_lr), adamw(fake_score, config.fake_lr)
     ema = EMA(generator, config.gen_ema) if config.gen_ema > 0 else None
     nets = {"generator": generator, "fake_score": fake_score, "gen_opt": gen_opt, "fake_opt": fake_opt}
     loop = Loop(out / "checkpoint.pt", config, "dmd", config.dmd_iterations,
-                {**nets, **({"ema": ema} if ema is not None else {})}, f"DMD {config.steps}-step", keys=run_keys,
-                resume=resume, checkpoint_at_end=True, kind="dmd")
+                {**nets, **({"ema": ema} if ema is not None else {})}, f"DMD {config.steps}-step",
+                keys=variant.run_keys, resume=resume, checkpoint_at_end=True, kind="dmd")
     if loop.resumed:
         check_same_teacher(loop.saved.get("teacher"), teacher, "DMD checkpoint", loop.path)
     loop.more["teacher"] = teacher.fingerprint
     sampler = ema.model if ema is not None else generator  # what is evaluated
-    monitor = DMDMonitor(config, out, sampler, device, loop.extra.setdefault("history", []))
+    monitor = DMDMonitor(config, out, sampler, device, loop.extra.setdefault("history", []), generate,
+                         lambda n, g: sample_labels(n, config, g))
     if not loop.resumed:
         with loop.off_the_clock():
             monitor(0)
@@ -341,15 +356,15 @@ def train_dmd(config: DMDConfig, resume: bool = False, out: Path | None = None, 
             z, labels = noise_and_labels(config, device)
             loss_fake = fake_score_update(fake_score, fake_opt, generator, z, labels, config)
         z, labels = noise_and_labels(config, device)
-        losses = generator_update(generator, gen_opt, real_score_at(step), fake_score, z, labels, pairs, config, lpips)
+        losses = generator_update(generator, gen_opt, real_score(step), fake_score, z, labels, pairs, config, lpips)
         if ema is not None:
             ema.update(generator)
         loop.log(**losses, loss_fake=loss_fake)
         if loop.due(config.eval_every):
             with loop.off_the_clock():
-                loop.write(monitor(step + 1, generator, real_score_at(step), fake_score))
+                loop.write(monitor(step + 1, generator, real_score(step), fake_score))
     loop.log_writer.plot(out / "loss.png", f"DMD {config.steps}-step: losses")
-    return dmd_report(config, out, monitor.history, loop, sampler, device)
+    return monitor.report(loop, teacher)
 
 
 # ==== Checks and the command line =====================================================================================
@@ -366,13 +381,26 @@ def check_config(config: DMDConfig) -> None:
     require(0.0 <= config.gen_ema < 1.0, f"--gen-ema must be in [0, 1), got {config.gen_ema}")
 
 
+def samples_null_label(config: DMDConfig) -> bool:
+    """Whether the run asks the teacher for x_hat(z_t, null): labels dropped (--dmd-label-dropout), a guided
+    real score (--real-guidance), or toy data, whose evaluation is unconditional."""
+    return config.dmd_label_dropout > 0 or config.real_guidance > 0 or config.net == "mlp"
+
+
+def check_null_label(config: DMDConfig) -> None:
+    """A teacher without the null label is refused where the run would sample it (DMD and DisBack)."""
+    if samples_null_label(config):
+        require_null_label(config, "DMD cannot sample the null label from it (--dmd-label-dropout, "
+                                   "--real-guidance or toy data's unconditional evaluation ask for it)")
+
+
 def main(argv=None) -> None:
     config, flags = parse_config(DMDConfig, __doc__.split("\n\n")[0], argv,
                                  {"resume": "continue the run from its checkpoint"})
     resume = flags["resume"]
     print(f"DMD, {config.preset}: {config.steps}-step generator, {config.dmd_iterations} updates, "
           f"{config.fake_updates} fake-score updates each, regression weight {config.reg_weight}")
-    print_dmd_summary(config, train_dmd(config, resume=resume), run_dir(config))
+    print_dmd_summary(config, train_dmd(config, resume=resume), dmd_dir(config))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ method, after a warm-up, synchronised on CUDA, best of three.
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +35,18 @@ from typing import ClassVar
 
 import torch
 
-from common import (Denoiser, UserError, check_compatible, ddim_sample, fingerprint, frozen_denoiser, load_checkpoint,
-                    pick_device, run_cli)
+from common import Denoiser, ddim_sample
+from dmd import generate
+from guided_distill import sample
 from plumbing import distributed
-from plumbing.config import NetworkConfig, parse_config, require, sample_shape
+from plumbing.config import NetworkConfig, parse_config, sample_shape
+from plumbing.errors import UserError, require
 from plumbing.image_metrics import image_quality
-from plumbing.metrics import evaluate_sampler
-from plumbing.training import prepare_network, samples_per_second, save_figure, seeded_rng
-from train_teacher import TeacherConfig, load_teacher
+from plumbing.metrics import balanced_labels, evaluate_sampler
+from plumbing.networks import frozen_denoiser
+from plumbing.training import (check_compatible, fingerprint, load_checkpoint, pick_device, prepare_network, run_cli,
+                               samples_per_second, save_figure, seeded_rng, write_text)
+from train_teacher import TeacherConfig, load_teacher, require_null_label
 
 
 @dataclass
@@ -81,6 +87,7 @@ class Row:
     sample: object  # (z, labels, steps) -> x
     source: str
     weights: str | None = None  # the sampler and its weights' fingerprint: a script's own measurement is re-used
+    conditional: bool = False  # class-balanced labels also on toy data (guided students need a class)
     metrics: dict = field(default_factory=dict)
 
 
@@ -91,16 +98,13 @@ def ddim_sampler(model):
     return lambda z, c, n: ddim_sample(model, z, n, c)
 
 
-def guided_sampler(model, w: float, config: EvalConfig):
-    """Class-balanced labels at w: w = 0 is the conditional model, whose class mixture is the data."""
-    from guided_distill import labels_for, sample
-
-    return lambda z, c, n: sample(model, z, labels_for(len(z), config, z.device), w, n)
+def guided_sampler(model, w: float):
+    """The student at w with the labels it is given (class-balanced ones: its Row is `conditional`); w = 0 is the
+    conditional model, whose class mixture is the data."""
+    return lambda z, c, n: sample(model, z, c, w, n)
 
 
 def generator_sampler(model):
-    from dmd import generate
-
     return lambda z, c, n: generate(model, z, c, n)
 
 
@@ -136,9 +140,9 @@ def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row],
                                        f", not --guided-w {w:g}")
                         break
                     model = prepared(frozen_denoiser(config, state["model"], device, w_embedding=True), config, device)
-                    fn = guided_sampler(model, w, config)
+                    fn = guided_sampler(model, w)
                     single = "" if trained.get("single_w") is None else ", single-w"
-                    found.append(Row(f"guided (w = {w:g}{single})", n, n, fn, str(path)))
+                    found.append(Row(f"guided (w = {w:g}{single})", n, n, fn, str(path), conditional=True))
         else:
             for folder in sorted(out.glob(pattern)):
                 path = folder / "checkpoint.pt"
@@ -170,6 +174,8 @@ def slug(row: Row) -> str:
 
 
 def evaluate_all(config: EvalConfig) -> dict:
+    if config.net == "mlp":  # toy rows are unconditional: the null label
+        require_null_label(config, "the toy rows, which sample the null label, cannot be measured")
     device = pick_device(config.device)
     teacher = load_teacher(config, device, train_if_missing=False) if Path(config.teacher).exists() else None
     if teacher is None:
@@ -187,11 +193,11 @@ def evaluate_all(config: EvalConfig) -> dict:
     g = torch.Generator().manual_seed(config.eval_seed + 2)
     z_speed = torch.randn(config.speed_batch, *shape, generator=g).to(device)  # the same batch for every method
     c_speed = (torch.full((len(z_speed),), config.num_classes) if toy
-               else torch.arange(len(z_speed)) % config.num_classes).to(device)
+               else balanced_labels(len(z_speed), config.num_classes)).to(device)
     for row in rows:
         folder = out / "evaluation" / slug(row)
         row.metrics = evaluate_sampler(row.sample, measured, folder, [row.steps], device,
-                                       title=f"{row.method} ", weights=row.weights)[row.steps]
+                                       title=f"{row.method} ", weights=row.weights, balanced=row.conditional)[row.steps]
         row.metrics["samples_per_s"] = samples_per_second(lambda r=row: r.sample(z_speed, c_speed, r.steps),
                                                           len(z_speed), device, repeats=3)
         print(f"  {row.method:<24} {row.steps:>4} steps  " + "  ".join(
@@ -250,8 +256,7 @@ def write_results(config: EvalConfig, rows: list[Row], missing: list[str], devic
     if missing:
         lines += ["", "Missing:", ""] + [f"- {m}" for m in missing]
     path = Path(config.out_dir) / "results.md"
-    if distributed.is_main():
-        path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     print(f"table: {path}")
 
 
@@ -262,9 +267,6 @@ def speed_ratio(m: dict, ref_speed) -> str:
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import os
-    import platform
-
     return f"{device.type} ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
@@ -285,7 +287,7 @@ def side_by_side(config: EvalConfig, rows: list[Row], png: Path, device, per_cla
     g = torch.Generator().manual_seed(config.eval_seed + 3)
     n = per_class * config.num_classes
     z = torch.randn(n, *sample_shape(config), generator=g).to(device)
-    labels = (torch.arange(n) % config.num_classes).to(device)  # (n,): as guided_sampler's labels_for
+    labels = balanced_labels(n, config.num_classes).to(device)  # (n,)
     fig = Figure(figsize=(0.5 * n + 1.6, 0.55 * len(picked) + 0.3))
     axes = fig.subplots(len(picked), 1, squeeze=False)[:, 0]
     for ax, row in zip(axes, picked):

@@ -44,15 +44,18 @@ from typing import ClassVar
 
 import torch
 
-from common import (Denoiser, UserError, alpha_sigma, ddim_sample, ddim_step, diffuse, drop_labels, guided,
-                    no_grad_fp32, pick_device, run_cli, save_image_grid, save_scatter, seed_everything, trainable_copy)
-from plumbing.config import parse_config, require, sample_shape
+from common import (Denoiser, alpha_sigma, ddim_sample, ddim_step, diffuse, drop_labels, guided, no_grad_fp32,
+                    trainable_copy)
+from plumbing.config import parse_config, sample_shape
+from plumbing.errors import UserError, require
+from plumbing.folders import guided_dir
 from plumbing.loop import Ladder
+from plumbing.metrics import balanced_labels
 from plumbing.reports import GuidedEvaluator, plot_guided_quality, print_guided_round
-from plumbing.training import LogWriter
+from plumbing.training import LogWriter, pick_device, run_cli, save_image_grid, save_scatter, seed_everything
 from progressive_distill import (ROUND_KEYS, PDConfig, load_student, pd_loss, probe_gap, probe_noise, snr_weight,
                                  train_round, train_student)
-from train_teacher import check_guidable, load_teacher
+from train_teacher import load_teacher, require_null_label
 
 SAMPLERS = ("ddim", "stochastic")
 
@@ -93,8 +96,6 @@ class GuidedConfig(PDConfig):
 # What a resumed stage one must share with its checkpoint: guided distillation's own fields but the
 # sampling options, the batch, the weighting, the seed and the clip. Its rounds add PD's ROUND_KEYS.
 STAGE1_KEYS = (*GuidedConfig.run_keys(PDConfig), "pd_batch_size", "weighting", "grad_clip")
-REFERENCE_STEPS = 256  # toy: the guided teacher's DDIM that defines "the target distribution" at each w
-IMAGE_REFERENCE_STEPS = 64  # images: the guided teacher's DDIM measured once per w, for the students to compare with
 
 
 # ==== Stage one: one network call that reproduces the guided teacher's two ============================================
@@ -206,18 +207,18 @@ def sample(student, z: torch.Tensor, labels: torch.Tensor, w: float, steps: int,
 # ==== The run: checks, stage one, stage two, evaluation ===============================================================
 
 
-def run_dir(config: GuidedConfig) -> Path:
-    single = config.single_w
-    return Path(config.out_dir) / ("guided" if single is None else f"guided_single_w{single:g}")
+def probe_at_w_max(config: GuidedConfig):
+    """Both stages' diagnostic sampler (model, z, steps) -> x: DDIM at w_max with class-balanced labels."""
 
+    def probe_sampler(model, z, steps):
+        labels = balanced_labels(len(z), config.num_classes).to(z.device)
+        return ddim_sample(at_w(model, config.w_max), z, steps, labels)
 
-def labels_for(n: int, config: GuidedConfig, device) -> torch.Tensor:
-    """Class-conditional evaluation: every class equally often (guidance needs a class)."""
-    return (torch.arange(n) % config.num_classes).to(device)
+    return probe_sampler
 
 
 def train_stage_one(teacher: Denoiser, config: GuidedConfig, device, out: Path, log: LogWriter,
-                    probe_sampler) -> Denoiser:
+                    probe_sampler) -> tuple[Denoiser, float]:
     """Stage one: the w-conditioned student x_hat_eta1 learns the guided teacher, w ~ U[w_min, w_max].
     `probe_sampler(model, z, steps)` samples at w_max, as in stage two's diagnostic."""
 
@@ -227,7 +228,7 @@ def train_stage_one(teacher: Denoiser, config: GuidedConfig, device, out: Path, 
 
     # Diagnostic on shared noise: the student's 16-step DDIM against the guided teacher's, at w_max.
     z_probe = probe_noise(config, device)
-    c_probe = labels_for(z_probe.shape[0], config, device)
+    c_probe = balanced_labels(z_probe.shape[0], config.num_classes).to(device)
     x_teacher = ddim_sample(guided(teacher, config.w_max, teacher.null_label), z_probe, 16, c_probe)
 
     def probe(student):
@@ -242,18 +243,19 @@ def train_stage_one(teacher: Denoiser, config: GuidedConfig, device, out: Path, 
 
 def guided_distillation(config: GuidedConfig, resume: bool = False) -> dict:
     """Stage one, then stage two's ladder start_steps -> to_steps; every student saved and measured."""
-    check_guidable(config)  # guidance needs a teacher trained with label dropout
+    require_null_label(config, "it cannot be guided")  # guidance needs x_hat(z_t, null)
     device = pick_device(config.device)
-    ladder = Ladder(run_dir(config), config, resume)  # finished stages load, an interrupted one resumes
+    ladder = Ladder(guided_dir(config), config, resume)  # finished stages load, an interrupted one resumes
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
     ladder.metrics.update(preset=config.preset, w_min=config.w_min, w_max=config.w_max, single_w=config.single_w,
-                          reference_steps=REFERENCE_STEPS)
-    evaluator = GuidedEvaluator(teacher, config, device, ladder.out, resume)
+                          reference_steps=GuidedEvaluator.REFERENCE_STEPS)
+    evaluator = GuidedEvaluator(teacher, config, device, ladder.out, sample, resume)
+    probe_sampler = probe_at_w_max(config)
 
     def load(path):
         return load_student(path, config, device, w_embedding=True)
 
-    stage_one = partial(train_stage_one, teacher, config, device, ladder.out, ladder.log, evaluator.probe)
+    stage_one = partial(train_stage_one, teacher, config, device, ladder.out, ladder.log, probe_sampler)
     student, seconds = ladder.stage("stage1", stage_one, load, steps=config.start_steps)
     if "stage1" not in ladder.metrics:
         ladder.metrics["stage1"] = {**evaluator(student, config.start_steps, samplers=("ddim",), folder="stage1"),
@@ -264,7 +266,7 @@ def guided_distillation(config: GuidedConfig, resume: bool = False) -> dict:
     while n_steps >= config.to_steps:  # stage two: PD's rounds with w passed to teacher and student
         student, seconds = ladder.stage(f"student_{n_steps}",
                                         partial(train_round, student, n_steps, config, device, ladder.out, ladder.log,
-                                                stage_two_loss(config), evaluator.probe, (*ROUND_KEYS, *STAGE1_KEYS)),
+                                                stage_two_loss(config), probe_sampler, (*ROUND_KEYS, *STAGE1_KEYS)),
                                         load, steps=n_steps)
         if str(n_steps) not in students:
             students[str(n_steps)] = {**evaluator(student, n_steps), "time_s": round(seconds, 1)}
@@ -285,7 +287,7 @@ def sample_command(config: GuidedConfig) -> Path:
     if not config.w_min <= w <= config.w_max:
         raise UserError(f"--w {w:g} is outside the trained range [{config.w_min:g}, {config.w_max:g}]; "
                         "pick a w in it or distil a wider range (--w-min, --w-max)")
-    path = run_dir(config) / f"student_{steps}.pt"
+    path = guided_dir(config) / f"student_{steps}.pt"
     if not path.exists():
         raise UserError(f"no {steps}-step student at {path}; run `python guided_distill.py --preset "
                         f"{config.preset}` first, or pick --sample-steps from the saved rounds")
@@ -294,8 +296,9 @@ def sample_command(config: GuidedConfig) -> Path:
     n = config.eval_samples if toy else 8 * config.num_classes
     g = torch.Generator().manual_seed(config.seed)
     z = torch.randn((n, *sample_shape(config)), generator=g).to(device)
-    x = sample(student, z, labels_for(n, config, device), w, steps, config.sampler, g).float().cpu()
-    png = run_dir(config) / f"sample_w{w:g}_{config.sampler}_{steps}.png"
+    labels = balanced_labels(n, config.num_classes).to(device)
+    x = sample(student, z, labels, w, steps, config.sampler, g).float().cpu()
+    png = guided_dir(config) / f"sample_w{w:g}_{config.sampler}_{steps}.png"
     if toy:
         save_scatter({f"w = {w:g}, {steps}-step {config.sampler}": x}, png)
     else:
@@ -331,7 +334,7 @@ def main(argv=None) -> None:
           f"stage one {config.stage1_iterations} updates, then {config.start_steps} -> {config.to_steps} "
           f"steps at {config.round_iterations} updates per halving")
     metrics = guided_distillation(config, resume=resume)
-    print(f"distilled in {metrics.get('distill_time_s')} s; students and metrics in {run_dir(config)}")
+    print(f"distilled in {metrics.get('distill_time_s')} s; students and metrics in {guided_dir(config)}")
 
 
 if __name__ == "__main__":

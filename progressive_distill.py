@@ -42,15 +42,18 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from common import (Denoiser, UserError, check_compatible, ddim_sample, ddim_step, diffuse, drop_labels,
-                    frozen_denoiser, invert_ddim, load_checkpoint, logsnr, loss_by_t_bucket, no_grad_fp32,
-                    pick_device, read_json, run_cli, seed_everything, trainable_copy)
-from plumbing.config import NetworkConfig, parse_config, require, sample_shape
+from common import (Denoiser, ddim_sample, ddim_step, diffuse, drop_labels, invert_ddim, logsnr, loss_by_t_bucket,
+                    no_grad_fp32, trainable_copy)
+from plumbing.config import NetworkConfig, parse_config, sample_shape
 from plumbing.data import BatchStream
+from plumbing.errors import UserError, require
+from plumbing.folders import pd_dir, teacher_dir
 from plumbing.loop import Ladder, Loop
+from plumbing.networks import frozen_denoiser
 from plumbing.reports import evaluate_pd_student, plot_pd_quality, print_pd_round
-from plumbing.training import LogWriter, autocast, optimizer_step, prepare_network
-from train_teacher import TeacherConfig, load_teacher, teacher_dir
+from plumbing.training import (LogWriter, autocast, check_compatible, load_checkpoint, optimizer_step, pick_device,
+                               prepare_network, read_json, run_cli, seed_everything)
+from train_teacher import TeacherConfig, load_teacher, require_null_label
 
 WEIGHTINGS = ("truncated-snr", "snr+1")
 
@@ -174,10 +177,11 @@ def probe_gap(student, sampler, z: torch.Tensor, steps: int, x_teacher: torch.Te
 
 
 def train_student(student: Denoiser, teacher: Denoiser, batch_loss, lr: float, iterations: int, seed: int,
-                  config: PDConfig, device, loop_args: dict, probe, record: dict) -> Denoiser:
+                  config: PDConfig, device, loop_args: dict, probe, record: dict) -> tuple[Denoiser, float]:
     """The loop of every PD round (and of guided distillation's stage one): Adam with the learning rate
     annealed linearly to 0 (Alg. 2), `batch_loss(student, teacher, x, labels) -> (per-example loss, t)`;
-    `probe(student) -> {name: teacher-vs-student error on shared noise}` at every log line."""
+    `probe(student) -> {name: teacher-vs-student error on shared noise}` at every log line, off the training
+    clock. Returns the frozen student and its training seconds."""
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     stream = BatchStream({**config, "batch_size": config.pd_batch_size}, device, seed)
     loop = Loop(config=config, total=iterations, state={"model": student, "opt": opt, "stream": stream}, **loop_args)
@@ -190,12 +194,14 @@ def train_student(student: Denoiser, teacher: Denoiser, batch_loss, lr: float, i
         loss = per_example.mean()
         grad_norm = optimizer_step(opt, loss, student, config.grad_clip)
         if loop.due(config.log_every):
-            loop.log(**record, loss=loss, grad_norm=grad_norm, **probe(student), **loss_by_t_bucket(per_example, t))
-    return frozen(student)
+            with loop.off_the_clock():  # a diagnostic, not training: N student and 2N teacher steps
+                gap = probe(student)
+            loop.log(**record, loss=loss, grad_norm=grad_norm, **gap, **loss_by_t_bucket(per_example, t))
+    return frozen(student), loop.seconds
 
 
 def train_round(teacher: Denoiser, n_steps: int, config: PDConfig, device, out: Path, log: LogWriter,
-                batch_loss=None, probe_sampler=None, keys=ROUND_KEYS) -> Denoiser:
+                batch_loss=None, probe_sampler=None, keys=ROUND_KEYS) -> tuple[Denoiser, float]:
     """Alg. 2's inner loop: a student whose N = n_steps DDIM steps match the teacher's 2N.
 
     `batch_loss(student, teacher, x, labels, n_steps) -> (per-example loss, t)` and
@@ -226,8 +232,10 @@ def train_round(teacher: Denoiser, n_steps: int, config: PDConfig, device, out: 
 
 def progressive_distillation(config: PDConfig, resume: bool = False) -> dict:
     """Alg. 2's outer loop: halve N from `start_steps` to `to_steps`, saving and measuring every student."""
+    require_null_label(config, "progressive distillation cannot sample the null label from it (its probe does, "
+                               "and --pd-label-dropout)")
     device = pick_device(config.device)
-    ladder = Ladder(Path(config.out_dir) / "pd", config, resume)  # finished rounds load, an interrupted one resumes
+    ladder = Ladder(pd_dir(config), config, resume)  # finished rounds load, an interrupted one resumes
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
     ladder.metrics.update(preset=config.preset, start_steps=config.start_steps,
                           teacher_ddim=read_json(teacher_dir(config) / "metrics.json"))
@@ -275,7 +283,7 @@ def main(argv=None) -> None:
     print(f"progressive distillation, {config.preset}: {config.start_steps} -> {config.to_steps} steps, "
           f"{config.round_iterations} updates per halving")
     metrics = progressive_distillation(config, resume=resume)
-    print(f"distilled in {metrics.get('distill_time_s')} s; students and metrics in {Path(config.out_dir) / 'pd'}")
+    print(f"distilled in {metrics.get('distill_time_s')} s; students and metrics in {pd_dir(config)}")
 
 
 if __name__ == "__main__":

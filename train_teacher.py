@@ -36,16 +36,17 @@ from typing import ClassVar
 
 import torch
 
-from common import (EMA, Denoiser, UserError, check_compatible, ddim_sample, diffusion_loss, drop_labels, fingerprint,
-                    frozen_denoiser, load_checkpoint, loss_by_t_bucket, pick_device, run_cli, seed_everything,
-                    write_json)
-from plumbing.config import NetworkConfig, RunConfig, parse_config, require
+from common import Denoiser, ddim_sample, diffusion_loss, drop_labels, loss_by_t_bucket
+from plumbing.config import NetworkConfig, RunConfig, parse_config
 from plumbing.data import BatchStream, toy_dataset
-from plumbing.loop import Loop
-from plumbing.metrics import describe, evaluate_sampler, is_measured, picture_count, within_share
+from plumbing.errors import UserError, require
+from plumbing.folders import teacher_dir
 from plumbing.image_metrics import image_quality
-from plumbing.networks import build_network
-from plumbing.training import LogWriter, autocast, optimizer_step, prepare_network
+from plumbing.loop import Loop
+from plumbing.metrics import describe, evaluate_sampler, sample_count, within_share
+from plumbing.networks import build_network, frozen_denoiser
+from plumbing.training import (EMA, LogWriter, autocast, check_compatible, fingerprint, load_checkpoint,
+                               optimizer_step, pick_device, prepare_network, run_cli, seed_everything, write_json)
 
 
 @dataclass
@@ -77,11 +78,6 @@ class TeacherConfig(RunConfig):
         for name in ("batch_size", "iterations"):
             require(self[name] >= 1, f"--{name.replace('_', '-')} must be at least 1, got {self[name]}")
         require(0.0 <= self.label_dropout < 1.0, f"--label-dropout must be in [0, 1), got {self.label_dropout}")
-
-
-def teacher_dir(config: dict) -> Path:
-    """Where the teacher's pictures, samples, log and metrics.json go: beside its checkpoint."""
-    return Path(config.teacher).with_suffix("")
 
 
 def train_teacher(config: TeacherConfig, resume: bool = False) -> Path:
@@ -171,7 +167,7 @@ def training_calls(config: TeacherConfig, iterations: int) -> int:
 def evaluation_cost(config: dict, training: int) -> str:
     """The teacher's image evaluation in network calls, beside its training's."""
     n = config["eval_samples"]
-    calls = sum(steps * (n if is_measured(config, steps) else picture_count(config)) for steps in config["eval_steps"])
+    calls = sum(steps * sample_count(config, steps) for steps in config["eval_steps"])
     return (f"measuring the teacher's DDIM at {config['eval_steps']} steps on {n} samples: {calls:,} network calls, "
             f"{calls / training:.0%} of its training's ~{training:,} (--eval-samples and --eval-steps set it)")
 
@@ -196,13 +192,15 @@ def load_teacher(config: TeacherConfig, device: torch.device, train_if_missing: 
     return teacher
 
 
-def check_guidable(config: TeacherConfig) -> None:
-    """Guidance needs x_hat(z_t, null): a teacher trained with label dropout."""
+def require_null_label(config: TeacherConfig, why: str) -> None:
+    """x_hat(z_t, null), the unconditional model, exists only in a teacher trained with label dropout: a method
+    that will sample the null label (guidance, PD's probe, unconditional toy evaluation; `why` says which)
+    refuses any other teacher, before any work. A teacher still to be trained is judged by this config."""
     path = Path(config.teacher)
     trained = load_checkpoint(path, "teacher checkpoint")["config"] if path.exists() else config
     if trained["label_dropout"] <= 0:
         raise UserError(f"the teacher {'at ' + str(path) if path.exists() else 'to be trained'} has no null class "
-                        "(it was trained with --label-dropout 0), so it cannot be guided; train one with "
+                        f"(it was trained with --label-dropout 0), so {why}; train one with "
                         "`python train_teacher.py --label-dropout 0.1` or pass another --teacher")
 
 

@@ -118,7 +118,8 @@ def imported(module, ref: str):
     if isinstance(obj, types.ModuleType):
         return "module", obj.__name__
     origin = getattr(obj, "__module__", None) if callable(obj) else None
-    return "object", origin if origin in REFERENCE_MODULES else module.__name__
+    at_home = origin in REFERENCE_MODULES or str(origin).startswith("plumbing.")  # imported from where it lives
+    return "object", origin if at_home else module.__name__
 
 
 def module_line(alias: str, name: str) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -35,16 +36,15 @@ from typing import ClassVar
 
 import torch
 
-from plumbing.training import UserError
+from plumbing.errors import UserError, require
 
 PRESET_NAMES = ["auto", "toy", "fmnist16", "fmnist", "cifar10"]
 DATA_INFO = {"gaussians8": (8, 2), "moons": (2, 2), "fmnist": (10, 1), "cifar10": (10, 3)}  # (classes, channels)
 
 
-def require(ok: bool, message: str) -> None:
-    """A one-line error (`UserError`) with `message` unless `ok`."""
-    if not ok:
-        raise UserError(message)
+def flag(name: str) -> str:
+    """A field's command-line flag: `pd_lr` -> `--pd-lr`."""
+    return "--" + name.replace("_", "-")
 
 
 class Config:
@@ -57,7 +57,15 @@ class Config:
         self.check()
 
     def check(self) -> None:
-        """One-line errors for values that make no sense; each class adds its own."""
+        """One-line errors for values that make no sense; each class adds its own. Here, for every class:
+        numbers are finite, and learning rates (`lr`, `*_lr`) above 0."""
+        for f in dataclasses.fields(self):
+            value = self[f.name]
+            for v in value if isinstance(value, list) else [value]:
+                require(not isinstance(v, float) or math.isfinite(v),
+                        f"{flag(f.name)} must be a finite number, got {v}")
+            if f.name == "lr" or f.name.endswith("_lr"):
+                require(value > 0, f"{flag(f.name)} must be above 0, got {value}")
 
     # -- presets ---------------------------------------------------------------------------
 
@@ -210,7 +218,7 @@ class RunConfig(NetworkConfig):
     def check(self) -> None:
         super().check()
         for name in ("eval_samples", "log_every", "ckpt_every", "sample_every"):
-            require(self[name] >= 1, f"--{name.replace('_', '-')} must be at least 1, got {self[name]}")
+            require(self[name] >= 1, f"{flag(name)} must be at least 1, got {self[name]}")
         require(self.eval_share >= 0, f"--eval-share must be 0 (no cap) or more, got {self.eval_share}")
         require(self.fd_max_steps >= 0, f"--fd-max-steps must be 0 (pictures only) or more, got {self.fd_max_steps}")
         require(all(s >= 1 for s in self.eval_steps), "--eval-steps must all be at least 1")
@@ -260,7 +268,7 @@ def parse_config(cls, description: str, argv=None, flags: dict | None = None):
     parser.add_argument("--preset", default="auto",
                         help=f"one of {', '.join(PRESET_NAMES)} (default auto); it sets every value below")
     for name, text in flags.items():
-        parser.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
+        parser.add_argument(flag(name), action="store_true", help=text)
     groups = {}
     for f in dataclasses.fields(cls):
         if f.name == "preset":
@@ -268,14 +276,14 @@ def parse_config(cls, description: str, argv=None, flags: dict | None = None):
         owner = next(k for k in reversed(cls.__mro__) if f.name in getattr(k, "__dataclass_fields__", {}))
         title = (owner.__doc__ or owner.__name__).strip().splitlines()[0].rstrip(".")
         group = groups.get(owner) or groups.setdefault(owner, parser.add_argument_group(title))
-        kind, flag = hints[f.name], "--" + f.name.replace("_", "-")
+        kind, name = hints[f.name], flag(f.name)
         base = [a for a in typing.get_args(kind) if a is not type(None)]
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps.get(f.name))
+            group.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=helps.get(f.name))
         elif typing.get_origin(kind) is list:
-            group.add_argument(flag, type=typing.get_args(kind)[0], nargs="+", default=None, help=helps.get(f.name))
+            group.add_argument(name, type=typing.get_args(kind)[0], nargs="+", default=None, help=helps.get(f.name))
         else:
-            group.add_argument(flag, type=base[0] if base else kind, default=None, help=helps.get(f.name))
+            group.add_argument(name, type=base[0] if base else kind, default=None, help=helps.get(f.name))
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                  if f.name != "preset" and getattr(args, f.name) is not None}

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserError, alpha_sigma, bcast
+from common import alpha_sigma, bcast
 from plumbing.config import image_size
 from plumbing.distributed import check_batch, shard
+from plumbing.errors import UserError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 OFFLINE_HINT = ("offline alternatives: --preset toy (2-D data, no files needed), or --preset fmnist "

@@ -27,6 +27,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from plumbing.errors import UserError
+
 
 def active() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -71,8 +73,6 @@ def shard(batch: torch.Tensor) -> torch.Tensor:
 
 def check_batch(batch_size: int) -> None:
     """A one-line error when a global batch cannot be split evenly over the processes."""
-    from plumbing.training import UserError
-
     if batch_size % world():
         raise UserError(f"a batch of {batch_size} does not split over {world()} processes; pass a batch size "
                         f"that is a multiple of {world()} (batch sizes are global)")

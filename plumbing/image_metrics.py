@@ -18,9 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, load_checkpoint, save_checkpoint
 from plumbing import distributed
-from plumbing.training import progress
+from plumbing.config import image_size
+from plumbing.data import load_images
+from plumbing.errors import UserError
+from plumbing.training import load_checkpoint, progress, save_checkpoint
 
 
 def _fid_class():
@@ -89,9 +91,6 @@ def classifier_accuracy(model: FeatureClassifier, images: torch.Tensor, labels: 
 
 def load_classifier(config: dict, device, steps: int) -> tuple[FeatureClassifier, dict]:
     """The preset's classifier, trained on the training set once and cached in out_dir."""
-    from plumbing.config import image_size
-    from plumbing.data import load_images
-
     path = Path(config["out_dir"]) / "feature_classifier.pt"
     size = image_size(config)
     distributed.barrier()  # under torchrun every rank looks at once, so that all take the same path
@@ -216,8 +215,6 @@ class ImageQuality:
     """
 
     def __init__(self, config: dict, device, strict: bool = False):
-        from plumbing.data import load_images
-
         self.classifier, self.info = load_classifier(config, device, config["classifier_steps"])
         real = load_images(config)[0]
         out = Path(config["out_dir"])

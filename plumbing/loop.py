@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from plumbing import distributed
-from plumbing.training import (LogWriter, UserError, check_compatible, load_checkpoint, progress, read_json,
-                               rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
+from plumbing.errors import UserError
+from plumbing.training import (LogWriter, check_compatible, load_checkpoint, progress, read_json, rng_state,
+                               save_checkpoint, seed_everything, set_rng_state, write_json)
 
 
 class Loop:
@@ -185,19 +186,18 @@ class Ladder:
         self.logged: list = []  # the log as it was when the last finished stage ended
 
     def stage(self, name: str, train, load, **saved):
-        """(model, seconds) of stage `name`: `load(path)` if it has finished, otherwise `train()`, then
-        saved as <out>/<name>.pt with `saved` (e.g. its step count) and the log."""
+        """(model, seconds) of stage `name`: `load(path)` if it has finished, otherwise `train()` -> (model,
+        seconds), then saved as <out>/<name>.pt with `saved` (e.g. its step count) and the log. The seconds
+        are its Loop's: training only (what ran off the clock is not in them), an interrupted stage's
+        time up to its last checkpoint included."""
         path = self.out / f"{name}.pt"
         if path.exists():
             state = load_checkpoint(path, f"{name} checkpoint")
             self.logged = state["log"]
             return load(path), state.get("seconds", state.get("round_time_s", 0.0))  # (older files)
         self.log.restore(self.logged)  # drop an interrupted stage's lines (its Loop restores its checkpoint's)
-        progress = self.out / "progress.pt"  # an interrupted stage's time before the interruption counts too
-        earlier = load_checkpoint(progress, f"{name} progress").get("seconds", 0.0) if progress.exists() else 0.0
-        start = time.perf_counter()
-        model = train()
-        seconds, self.logged = earlier + time.perf_counter() - start, self.log.records()
+        model, seconds = train()
+        self.logged = self.log.records()
         save_checkpoint(path, {"kind": name, "config": self.config, **saved, "model": model.state_dict(),
                                "seconds": seconds, "log": self.logged})
         (self.out / "progress.pt").unlink(missing_ok=True)

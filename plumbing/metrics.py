@@ -14,8 +14,11 @@ import numpy as np
 import ot
 import torch
 
+from plumbing import distributed
 from plumbing.config import sample_shape
-from plumbing.data import GaussianMixture
+from plumbing.data import GaussianMixture, toy_dataset
+from plumbing.image_metrics import image_quality
+from plumbing.training import progress, save_image_grid, save_scatter, seeded_rng, write_json
 
 MMD_BANDWIDTHS = (0.02, 0.05, 0.1, 0.2)  # the scales of gaussians8 (std 0.08) and moons
 OFF_MODE_STDS = 4.0
@@ -109,8 +112,6 @@ def reference_metrics(points, ref, floor: dict, mixture: GaussianMixture | None 
 
 def save_samples(path, points, labels) -> None:
     """The exact samples a metric was computed on, so anyone can re-evaluate them."""
-    from plumbing import distributed
-
     if not distributed.is_main():
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +145,11 @@ def image_batch(device) -> int:
 PICTURE_ROWS = 8  # rows of the sample grids: one column per class
 
 
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """Class-conditional evaluation's labels: every class equally often, in turn (0, 1, ..., C - 1, 0, ...)."""
+    return torch.arange(n) % num_classes
+
+
 def picture_count(config: dict) -> int:
     """How many images a sample grid shows (the first ones of the evaluation noise)."""
     return min(config["eval_samples"], PICTURE_ROWS * config["num_classes"])
@@ -171,8 +177,6 @@ def within_share(config: dict, steps_list, training_calls: float) -> dict:
 def measurement_key(config: dict, device, weights: str, steps: int, n: int) -> str:
     """What a stored image measurement must match: the weights and sampler, the steps, the noise and the
     sample count, and the metric (the feature classifier and the real images' count)."""
-    from plumbing.image_metrics import image_quality
-
     info = image_quality(config, device).info
     metric = f"classifier {info['steps']}/{info['seed']}/{info['test_accuracy']:.6f}/{info['n_real']}"
     return f"{weights} steps {steps} n {n} seed {config['eval_seed']} {metric} inception {config['inception']}"
@@ -191,8 +195,6 @@ def read_measurements(config: dict) -> dict:
 
 
 def write_measurement(config: dict, key: str, result: dict) -> None:
-    from plumbing.training import write_json  # atomic, by rank 0 under torchrun
-
     write_json(Path(config["out_dir"]) / "measurements.json", {**read_measurements(config), key: result})
 
 
@@ -202,13 +204,16 @@ def is_measured(config: dict, steps: int) -> bool:
     return config["net"] == "mlp" or steps <= config["fd_max_steps"]
 
 
+def sample_count(config: dict, steps: int) -> int:
+    """How many samples a sampler of `steps` steps draws: `eval_samples` where it is measured, a picture's
+    worth (`picture_count`) where it gets a picture only."""
+    return config["eval_samples"] if is_measured(config, steps) else picture_count(config)
+
+
 def in_batches(sample, z: torch.Tensor, labels: torch.Tensor, device, batch: int | None = None,
                desc: str = "sampling") -> torch.Tensor:
     """`sample(z, labels) -> x` over `batch`-sized slices on `device` (a progress bar when there are
     several); the samples in fp32 on the CPU."""
-    from plumbing import distributed
-    from plumbing.training import progress
-
     batch = batch or image_batch(device)
     start, end = distributed.chunk(len(z))  # under torchrun each rank draws its share, then all are gathered
     starts = range(start, end, batch)
@@ -218,7 +223,7 @@ def in_batches(sample, z: torch.Tensor, labels: torch.Tensor, device, batch: int
 
 
 def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: str = "",
-                     weights: str | None = None) -> dict:
+                     weights: str | None = None, balanced: bool = False) -> dict:
     """Sample with `sample(z, labels, steps) -> x` at each step count, on the noise every
     script shares (seeded by `eval_seed`; any noise the sampler draws itself is seeded too), and measure.
 
@@ -226,32 +231,29 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
     and one scatter picture `samples.png`. Images: `eval_samples` class-balanced samples in batches,
     `plumbing.image_metrics.ImageQuality` (Frechet distance, class accuracy), and a grid
     `samples_<steps>.png` of the first `picture_count`, one column per class; a sampler of more than
-    `fd_max_steps` steps gets the grid only. Returns {steps: metrics}.
+    `fd_max_steps` steps gets the grid only. `balanced`: class-balanced labels on toy data too (guided
+    students, which need a class). Returns {steps: metrics}.
 
     `weights` (images): what is sampled, e.g. "ddim:" and the `fingerprint` of the weights. A measurement
     of the same weights at the same steps, noise, sample count and metric is then kept in the run folder's
     `measurements.json` and read back instead of made again (evaluate.py re-uses the scripts' own); the
     grid is drawn anew.
     """
-    from common import save_image_grid, save_scatter
-    from plumbing.data import toy_dataset
-    from plumbing.training import seeded_rng
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     toy = config["net"] == "mlp"
     results, panels = {}, {}
     for steps in steps_list:
-        measured = is_measured(config, steps)
-        n = config["eval_samples"] if measured else picture_count(config)
+        measured, n = is_measured(config, steps), sample_count(config, steps)
         key, known = (None, None) if toy or not measured or weights is None else \
             stored_measurement(config, device, weights, steps, n)
         g = torch.Generator().manual_seed(config["eval_seed"])
         z = torch.randn((n, *sample_shape(config)), generator=g)
         if known is not None:  # measured before: only the picture is drawn
             z = z[:picture_count(config)]
-        labels = torch.full((n,), config["num_classes"]) if toy else torch.arange(n) % config["num_classes"]
-        # (toy: unconditional, the null label; images: every class equally often)
+        unconditional = toy and not balanced
+        labels = torch.full((n,), config["num_classes"]) if unconditional else balanced_labels(n, config["num_classes"])
+        # (toy: unconditional, the null label; images and `balanced`: every class equally often)
         # Samplers that draw fresh noise between steps (DMD2's multi-step generator) draw it from the
         # global RNG: seed it here, and give it back afterwards, so the numbers do not depend on the caller.
         with seeded_rng(config["eval_seed"] + steps, device):
@@ -264,8 +266,6 @@ def evaluate_sampler(sample, config: dict, out_dir, steps_list, device, title: s
             off = results[steps].get("off_mode")
             panels[f"{title}{steps} step{'s' * (steps > 1)}" + (f"\noff-mode {off:.1%}" if off is not None else "")] = x
         else:
-            from plumbing.image_metrics import image_quality
-
             save_image_grid(x[:picture_count(config)], out_dir / f"samples_{steps}.png", nrow=config["num_classes"])
             if known is not None:
                 results[steps] = known

@@ -3,10 +3,11 @@ the method files so that those read as the papers' algorithms.
 
     progressive distillation   evaluate_pd_student, plot_pd_quality
     guided distillation        GuidedEvaluator, print_guided_round, plot_guided_quality
-    DMD                        save_dm_view, dmd_report (metrics.json), sampling_speed, plot_dmd_history
+    DMD                        save_dm_view, DMDMonitor (its report: metrics.json), sampling_speed, plot_dmd_history
     DisBack                    compare_with_dmd, plot_disback_convergence
 
-The method modules are imported inside the functions that need them (they import this module).
+This module knows no method file: what is a method's own (its sampler, its label rule, its teacher) is
+passed in by the script that is measured.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ from pathlib import Path
 
 import torch
 
-from common import Denoiser, ddim_sample, diffuse, guided, read_json, save_image_grid, save_scatter, write_json
-from plumbing import distributed
+from common import Denoiser, ddim_sample, diffuse, guided
 from plumbing.config import sample_shape
 from plumbing.data import toy_dataset
+from plumbing.folders import disback_dir, dmd_dir, teacher_dir
 from plumbing.image_metrics import image_quality
-from plumbing.metrics import (describe, evaluate_sampler, in_batches, is_measured, picture_count,
-                              quality_key, reference_metrics, sampler_floor, stored_measurement, write_measurement)
-from plumbing.training import fingerprint, samples_per_second, save_figure
-from train_teacher import load_teacher, teacher_dir
+from plumbing.metrics import (balanced_labels, describe, evaluate_sampler, in_batches, is_measured, picture_count,
+                              quality_key, reference_metrics, sample_count, sampler_floor, stored_measurement,
+                              write_measurement)
+from plumbing.training import (cached, fingerprint, read_json, samples_per_second, save_figure, save_image_grid,
+                               save_scatter, write_json)
 
 # ==== What every report shares ======================================================================================
 
@@ -100,27 +102,29 @@ class GuidedEvaluator:
     against the guided teacher's 256-step DDIM at that w (with that sampler's floor: a second draw of it).
     Images: the offline classifier's Frechet distance to the data and class accuracy (`eval_samples`
     class-balanced samples; pictures only above `fd_max_steps` steps). Also measures the guided
-    teacher's own DDIM at the student's step count (images: at the last round's, and at 64 steps)."""
+    teacher's own DDIM at the student's step count (images: at the last round's, and at 64 steps).
 
-    def __init__(self, teacher: Denoiser, config: dict, device, out: Path, resume: bool = False):
-        import guided_distill as gd  # the sampler, the w binding and the class-balanced labels
+    `sample(student, z, labels, w, steps, sampler, generator) -> x` is the students' sampler (guided_distill.py)."""
 
-        self.gd = gd
-        self.teacher, self.config, self.device, self.out = teacher, config, device, out
+    REFERENCE_STEPS = 256  # toy: the guided teacher's DDIM that defines "the target distribution" at each w
+    IMAGE_REFERENCE_STEPS = 64  # images: the guided teacher's DDIM measured once per w, beside the students
+
+    def __init__(self, teacher: Denoiser, config: dict, device, out: Path, sample, resume: bool = False):
+        self.teacher, self.config, self.device, self.out, self.sample = teacher, config, device, out, sample
         self.toy = config["net"] == "mlp"
         n = config["eval_samples"]
         shape = (n, *sample_shape(config))
         g = torch.Generator().manual_seed(config["eval_seed"])
         self.z, self.z2 = (torch.randn(shape, generator=g) for _ in range(2))
-        self.labels = gd.labels_for(n, config, "cpu")
+        self.labels = balanced_labels(n, config["num_classes"])  # guidance needs a class
         self.mixture = toy_dataset(config["data"]) if config["data"] == "gaussians8" else None
         self.references = {}
-        self.teacher_rows = read_json(out / "metrics.json").get("teacher", {}) if resume else {}  # before a resume
-        self.watch = Stopwatch(read_json(out / "metrics.json").get("eval_time_s", 0.0) if resume else 0.0)
+        earlier = read_json(out / "metrics.json") if resume else {}  # what the run had measured before a resume
+        self.teacher_rows, self.watch = earlier.get("teacher", {}), Stopwatch(earlier.get("eval_time_s", 0.0))
 
     def draw(self, sample, z: torch.Tensor, steps: int, measured: bool = True) -> torch.Tensor:
         """`sample(z, labels) -> x` on the evaluation noise: all of it where it is measured, else a picture's worth."""
-        n = len(z) if measured and is_measured(self.config, steps) else picture_count(self.config)
+        n = sample_count(self.config, steps) if measured else picture_count(self.config)
         return in_batches(sample, z[:n], self.labels[:n], self.device, n if self.toy else None)
 
     def guided_teacher(self, w: float, z: torch.Tensor, steps: int) -> torch.Tensor:
@@ -130,15 +134,10 @@ class GuidedEvaluator:
     def reference(self, w: float):
         """The target distribution at w, and its floor from a second draw: both made once per w."""
         if w not in self.references:
-            ref = self.guided_teacher(w, self.z, self.gd.REFERENCE_STEPS)
-            floor = sampler_floor(ref.numpy(), self.guided_teacher(w, self.z2, self.gd.REFERENCE_STEPS).numpy())
+            ref = self.guided_teacher(w, self.z, self.REFERENCE_STEPS)
+            floor = sampler_floor(ref.numpy(), self.guided_teacher(w, self.z2, self.REFERENCE_STEPS).numpy())
             self.references[w] = (ref, floor)
         return self.references[w]
-
-    def probe(self, model, z: torch.Tensor, steps: int) -> torch.Tensor:
-        """Stage two's diagnostic on shared noise, at w_max."""
-        w_max, labels = self.config["w_max"], self.gd.labels_for(z.shape[0], self.config, z.device)
-        return ddim_sample(self.gd.at_w(model, w_max), z, steps, labels)
 
     def measure_teacher(self, w: float, steps: int) -> dict:
         """The guided teacher's DDIM at w; on images kept in the run folder's measurements.json (at w = 0 it
@@ -181,14 +180,14 @@ class GuidedEvaluator:
         results, panels = {sampler: {} for sampler in samplers}, {}
         for w in ws:
             # The guided teacher at the student's steps (see in_full), and on images at 64 steps once per w.
-            reference = [] if self.toy else [min(self.gd.IMAGE_REFERENCE_STEPS, self.config["fd_max_steps"])]
+            reference = [] if self.toy else [min(self.IMAGE_REFERENCE_STEPS, self.config["fd_max_steps"])]
             for n in {steps if self.in_full(steps) else 0, *reference}:
                 if n and str(n) not in self.teacher_rows.get(f"{w:g}", {}):
                     self.teacher_rows.setdefault(f"{w:g}", {})[str(n)] = self.measure_teacher(w, n)
             for sampler in samplers:
                 g = torch.Generator().manual_seed(self.config["eval_seed"] + 1)  # the stochastic sampler's noise
-                x = self.draw(lambda z_b, c_b, w=w, sampler=sampler, g=g: self.gd.sample(student, z_b, c_b, w, steps,
-                                                                                       sampler, g), self.z, steps,
+                x = self.draw(lambda z_b, c_b, w=w, sampler=sampler, g=g: self.sample(student, z_b, c_b, w, steps,
+                                                                                    sampler, g), self.z, steps,
                               measured=self.in_full(steps))
                 results[sampler][f"{w:g}"] = self.measure(x, w) if self.in_full(steps) else {}
                 if self.toy:
@@ -197,7 +196,7 @@ class GuidedEvaluator:
                     save_image_grid(x[:picture_count(self.config)], folder / f"w{w:g}_{sampler}.png",
                                     nrow=self.config["num_classes"])
             if self.toy:
-                panels[f"w = {w:g}, guided teacher {self.gd.REFERENCE_STEPS}"] = self.reference(w)[0]
+                panels[f"w = {w:g}, guided teacher {self.REFERENCE_STEPS}"] = self.reference(w)[0]
         if self.toy:
             save_scatter(panels, folder / "samples.png", ncols=len(samplers) + 1)
         return results
@@ -254,15 +253,14 @@ def plot_guided_quality(metrics: dict, png: Path) -> None:
 # ==== DMD =============================================================================================================
 
 
-def save_dm_view(generator, real_score, fake_score, config: dict, device, png: Path) -> None:
+def save_dm_view(generator, real_score, fake_score, config: dict, device, png: Path, generate, labels_of) -> None:
     """DMD2's debugging view: the generator's output x beside the real and fake scores'
-    predictions from the same noised x_t (t = 0.25). Where they differ is where G is pushed."""
+    predictions from the same noised x_t (t = 0.25). Where they differ is where G is pushed.
+    `generate(generator, z, labels, steps) -> x` and `labels_of(n, generator) -> labels` are DMD's (dmd.py)."""
     g = torch.Generator().manual_seed(config["eval_seed"] + 1)
     n = 500 if config["net"] == "mlp" else 8
     shape = sample_shape(config)
-    from dmd import generate, sample_labels
-
-    z, labels = torch.randn(n, *shape, generator=g).to(device), sample_labels(n, config, g).to(device)
+    z, labels = torch.randn(n, *shape, generator=g).to(device), labels_of(n, g).to(device)
     t = torch.full((n,), 0.25, device=device)
     generator.eval()
     with torch.no_grad():
@@ -279,17 +277,20 @@ def save_dm_view(generator, real_score, fake_score, config: dict, device, png: P
 
 class DMDMonitor:
     """`monitor(step, ...)`: the generator's metrics and sample pictures at an evaluation point, and
-    DMD2's view of the two scores; the records accumulate in `history` (saved with the checkpoint)."""
+    DMD2's view of the two scores; the records accumulate in `history` (saved with the checkpoint).
+    `monitor.report(loop, teacher)` writes metrics.json at the end. `sampler` is the generator that is
+    evaluated (its EMA), `generate(generator, z, labels, steps) -> x` its K-step sampler and
+    `labels_of(n, generator) -> labels` its label rule (dmd.py's `generate` and `sample_labels`)."""
 
-    def __init__(self, config, out: Path, sampler, device, history: list):
+    def __init__(self, config, out: Path, sampler, device, history: list, generate, labels_of):
         self.config, self.out, self.sampler, self.device, self.history = config, out, sampler, device, history
+        self.generate, self.labels_of = generate, labels_of
 
     def __call__(self, step: int, generator=None, real_score=None, fake_score=None) -> str:
-        from dmd import generate
-
-        folder, K = self.out / f"eval_{step:07d}", self.config.steps
+        folder, K, generate = self.out / f"eval_{step:07d}", self.config.steps, self.generate
         if generator is not None:
-            save_dm_view(generator, real_score, fake_score, self.config, self.device, folder / "dm_view.png")
+            save_dm_view(generator, real_score, fake_score, self.config, self.device, folder / "dm_view.png",
+                         generate, self.labels_of)
         self.sampler.eval()
         result = evaluate_sampler(lambda z, c, n: generate(self.sampler, z, c, n), self.config, folder, [K],
                                   self.device, title=f"DMD update {step}: ",
@@ -299,22 +300,23 @@ class DMDMonitor:
         pictures = f"  (samples in {folder})" if self.config.net != "mlp" else ""
         return f"  update {step}: {describe(result)}{pictures}"
 
-
-def dmd_report(config: dict, out: Path, history: list, loop, sampler, device) -> dict:
-    """metrics.json: the final generator beside the teacher's DDIM, the convergence history, the
-    sampling speed (samples/s, generator K steps vs the teacher's 256-step DDIM), and the time spent
-    training (`loop.seconds`) and evaluating (`loop.eval_seconds` and this report)."""
-    teacher_metrics = read_json(teacher_dir(config) / "metrics.json")
-    with Stopwatch(loop.eval_seconds) as watch:
-        speed = sampling_speed(sampler, config, device)
-    metrics = {"preset": config["preset"], "steps": config["steps"], "reg_weight": config["reg_weight"],
-               "fake_updates": config["fake_updates"], "train_time_s": round(loop.seconds, 1),
-               "eval_time_s": round(watch.seconds, 1),
-               "final": history[-1], "history": history, "teacher_ddim": teacher_metrics.get("ddim", {}),
-               "samples_per_s": speed}
-    write_json(out / "metrics.json", metrics)
-    plot_dmd_history(history, teacher_metrics.get("ddim", {}), out / "convergence.png", config)
-    return metrics
+    def report(self, loop, teacher) -> dict:
+        """metrics.json: the final generator beside the teacher's DDIM, the convergence history, the
+        sampling speed (samples/s, generator K steps vs the teacher's 256-step DDIM), and the time spent
+        training (`loop.seconds`) and evaluating (`loop.eval_seconds` and this report)."""
+        config, history = self.config, self.history
+        teacher_metrics = read_json(teacher_dir(config) / "metrics.json")
+        with Stopwatch(loop.eval_seconds) as watch:
+            speed = sampling_speed(self.sampler, teacher, config, self.device, self.generate)
+        metrics = {"preset": config["preset"], "steps": config["steps"], "reg_weight": config["reg_weight"],
+                   "fake_updates": config["fake_updates"], "config": config.as_dict(), "teacher": teacher.fingerprint,
+                   "train_time_s": round(loop.seconds, 1),
+                   "eval_time_s": round(watch.seconds, 1),
+                   "final": history[-1], "history": history, "teacher_ddim": teacher_metrics.get("ddim", {}),
+                   "samples_per_s": speed}
+        write_json(self.out / "metrics.json", metrics)
+        plot_dmd_history(history, teacher_metrics.get("ddim", {}), self.out / "convergence.png", config)
+        return metrics
 
 
 @torch.no_grad()
@@ -322,24 +324,21 @@ def teacher_speed(teacher, config, device, z: torch.Tensor, labels: torch.Tensor
                   timed_steps: int = 8) -> float:
     """The teacher's `steps`-step DDIM samples/s on this batch. DDIM costs one network call per step, so
     `timed_steps` steps are timed and the rate scaled by timed_steps / steps (on images 256 steps would
-    cost minutes on a CPU); cached beside the teacher per teacher, device type and batch size."""
-    path = teacher_dir(config) / f"speed_ddim{steps}_{torch.device(device).type}_batch{len(z)}.json"
-    distributed.barrier()  # under torchrun every rank looks at once, so that all take the same path
-    cached = read_json(path)
-    if cached.get("teacher") == teacher.fingerprint:
-        return cached["samples_per_s"]
+    cost minutes on a CPU); cached beside the teacher (`cached`) per teacher, device type and batch size."""
+    path = teacher_dir(config) / f"speed_ddim{steps}_{torch.device(device).type}_batch{len(z)}.pt"
     timed = min(steps, timed_steps)
-    speed = samples_per_second(lambda: ddim_sample(teacher, z, timed, labels), len(z), device) * timed / steps
-    write_json(path, {"teacher": teacher.fingerprint, "device": str(device), "samples_per_s": speed,
-                      "timed_steps": timed})
-    return speed
+
+    def measure() -> dict:
+        rate = samples_per_second(lambda: ddim_sample(teacher, z, timed, labels), len(z), device)
+        return {"samples_per_s": rate * timed / steps}
+
+    key = {"teacher": teacher.fingerprint, "timed_steps": timed}
+    return cached(path, key, measure, "teacher speed")["samples_per_s"]
 
 
-def sampling_speed(sampler, config: dict, device, teacher_steps: int = 256) -> dict:
-    """Samples per second on one batch after a warm-up, synchronised on CUDA."""
-    from dmd import generate
-
-    teacher = load_teacher(config, device, train_if_missing=False)
+def sampling_speed(sampler, teacher, config: dict, device, generate, teacher_steps: int = 256) -> dict:
+    """Samples per second on one batch after a warm-up, synchronised on CUDA: the generator's K steps
+    (`generate(sampler, z, labels, steps)`) against the teacher's `teacher_steps`-step DDIM."""
     n = 2000 if config["net"] == "mlp" else 64
     shape = sample_shape(config)
     z = torch.randn(n, *shape, device=device)
@@ -390,23 +389,41 @@ def save_convergence(fig, ax, key: str, png: Path) -> None:
 # ==== DisBack =========================================================================================================
 
 
-def compare_with_dmd(config: dict, metrics: dict) -> dict:
-    """Against plain DMD's run with the same settings (run_dir of dmd.py), when it exists: the first
-    evaluated update at which each reaches the worse of the two final values, and a plot."""
-    from disback import disback_dir
-    from dmd import run_dir
-
-    dmd_metrics = read_json(run_dir(config) / "metrics.json")
+def compare_with_dmd(config: dict, metrics: dict, keys) -> dict:
+    """DisBack's run against plain DMD's in dmd_dir(config) (the same --tag), compared only like with like:
+    the same teacher and the same `keys` of the config (DMD's settings: budget, learning rates, evaluation
+    cadence; the seed). Then: the first evaluated update at which each reaches the worse of the two final
+    values, and a plot. Always says which DMD run it read (`dmd_run`), and, where it compared none, why."""
+    folder = dmd_dir(config)
+    dmd_metrics = read_json(folder / "metrics.json")
+    why = dmd_mismatch(config, metrics, dmd_metrics, keys)
     key = quality_key(metrics["final"])
-    if key is None or key not in dmd_metrics.get("final", {}):
-        return {}
+    if why is None and (key is None or key not in dmd_metrics["final"]):
+        why = "the two runs share no measurement"
+    if why is not None:
+        return {"dmd_run": str(folder), "compared": False, "why": why}
     curves = {"DMD": dmd_metrics["history"], "DisBack": metrics["history"]}
     target = max(curves["DMD"][-1][key], curves["DisBack"][-1][key])
     reached = {name: next((h["step"] for h in hist if h[key] <= target), None) for name, hist in curves.items()}
     plot_disback_convergence(curves, key, metrics["teacher_reached_at"], disback_dir(config) / "convergence_vs_dmd.png")
-    return {"metric": key, "target": target, "updates_to_target": reached,
+    return {"dmd_run": str(folder), "compared": True, "metric": key, "target": target, "updates_to_target": reached,
             "final": {name: hist[-1][key] for name, hist in curves.items()},
             "disback_recording_updates": config["record_iterations"] if config["snapshots"] else 0}
+
+
+def dmd_mismatch(config: dict, metrics: dict, dmd_metrics: dict, keys) -> str | None:
+    """Why plain DMD's metrics.json is not this run's like (None: it is)."""
+    if not dmd_metrics:
+        return (f"there is no finished DMD run in {dmd_dir(config)}; make one with the same settings "
+                f"(`python dmd.py --preset {config['preset']} --steps {config['steps']}"
+                f"{' --tag ' + config['tag'] if config['tag'] else ''} ...`)")
+    if "config" not in dmd_metrics:
+        return "its metrics.json does not record its settings (an older version wrote it); run it again"
+    if dmd_metrics.get("teacher") != metrics["teacher"]:
+        return f"it was trained from another teacher (weights {dmd_metrics.get('teacher')} vs {metrics['teacher']})"
+    diff = [f"{k}={dmd_metrics['config'].get(k)!r} (DisBack: {config[k]!r})" for k in keys
+            if dmd_metrics["config"].get(k) != config[k]]
+    return f"its settings differ: {', '.join(diff)}" if diff else None
 
 
 def plot_disback_convergence(curves: dict, key: str, teacher_reached_at: int, png: Path) -> None:

@@ -1,7 +1,7 @@
-"""Training plumbing shared by every script: one-line user errors, device choice, seeds and
-RNG state, EMA, atomic checkpoints, autocast, progress bars, logs and pictures.
+"""Training plumbing shared by every script: the command line's one-line errors, device choice, seeds
+and RNG state, EMA, atomic checkpoints, autocast, progress bars, logs and pictures.
 
-Nothing here is diffusion math (that is `common.py`, which re-exports these names).
+Nothing here is diffusion math (that is `common.py`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from plumbing import distributed
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line by `run_cli`, never as a traceback."""
+from plumbing.errors import UserError
 
 
 def run_cli(main) -> None:
@@ -157,15 +154,16 @@ def load_checkpoint(path, what: str = "checkpoint") -> dict:
         raise UserError(f"{what} not found at {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not zipfile.is_zipfile(path):  # not torch.save's format: a truncated or foreign file
-            raise UserError(f"{what} at {path} cannot be read ({type(e).__name__}); delete it and rerun") from None
-        # weights_only refused an object: code, or a checkpoint from before checkpoints held only tensors
-        raise UserError(f"{what} at {path} holds objects other than tensors and plain values (it could run code "
-                        "when loaded), so it was not loaded; delete it and rerun, or use a checkpoint you trust "
-                        "made by this version") from None
-    except Exception as e:  # a truncated or foreign file
-        raise UserError(f"{what} at {path} cannot be read ({type(e).__name__}); delete it and rerun") from None
+    except Exception as e:  # never advise deleting a file this project did not write
+        if not zipfile.is_zipfile(path):  # save_checkpoint writes whole torch.save files (atomically) or none
+            raise UserError(f"{what} at {path} cannot be read: it is not in torch.save's format, so not a "
+                            "checkpoint this project wrote; check the path") from None
+        if isinstance(e, pickle.UnpicklingError):  # weights_only refused an object: code, or an older format
+            raise UserError(f"{what} at {path} holds objects other than tensors and plain values (it could run "
+                            "code when loaded), so it was not loaded; use a checkpoint you trust made by this "
+                            "version (one an older version of this project wrote is made anew once deleted)") from None
+        raise UserError(f"{what} at {path} cannot be read ({type(e).__name__}): a damaged or foreign torch file; "
+                        "if this project wrote it, delete it and rerun, otherwise check the path") from None
 
 
 def fingerprint(state_dict: dict) -> str:
@@ -218,13 +216,18 @@ def read_json(path) -> dict:
 
 def write_json(path, obj) -> None:
     """Atomically; under torchrun by rank 0, the others waiting until it has."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text(path, text: str) -> None:
+    """A text file written atomically; under torchrun by rank 0, the others waiting until it has."""
     if not distributed.is_main():
         distributed.barrier()
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     distributed.barrier()
 

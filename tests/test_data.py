@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import UserError
+from plumbing.errors import UserError
 from plumbing.data import DEBIAN_FASHION_MNIST, BatchStream, TwoMoons, gaussians8, load_cifar10, load_fashion_mnist
 from train_teacher import TeacherConfig
 

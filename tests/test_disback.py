@@ -9,7 +9,10 @@ from conftest import die_on_call, with_teacher
 
 import disback
 import dmd
-from common import UserError
+from plumbing.errors import UserError
+from plumbing.folders import disback_dir, dmd_dir
+from plumbing.reports import compare_with_dmd
+from plumbing.training import write_json
 from train_teacher import load_teacher
 
 
@@ -58,20 +61,24 @@ def test_no_snapshots_is_dmd_exactly(tmp_path, toy_teacher):
     config = disback_config(tmp_path, toy_teacher, snapshots=0)
     a = disback.train_disback(config)
     b = dmd.train_dmd(config)
-    ga = torch.load(disback.disback_dir(config) / "checkpoint.pt", weights_only=False)["generator"]
-    gb = torch.load(dmd.run_dir(config) / "checkpoint.pt", weights_only=False)["generator"]
+    ga = torch.load(disback_dir(config) / "checkpoint.pt", weights_only=False)["generator"]
+    gb = torch.load(dmd_dir(config) / "checkpoint.pt", weights_only=False)["generator"]
     assert all(torch.equal(ga[k], gb[k]) for k in ga)
     assert a["final"]["mmd"] == b["final"]["mmd"]
+    # DisBack ran before DMD: no DMD run to compare with, and it says so and where it looked
+    assert not a["comparison"]["compared"] and a["comparison"]["dmd_run"] == str(dmd_dir(config))
+    assert "no finished DMD run in" in a["comparison"]["why"]
     # with the DMD run present, the comparison is filled in (both identical: both reach the target together)
-    assert a["comparison"] == {} or a["comparison"]["updates_to_target"]["DMD"] is not None
-    again = disback.train_disback(config, resume=True)
-    assert again["comparison"]["updates_to_target"]["DMD"] == again["comparison"]["updates_to_target"]["DisBack"]
+    again = disback.train_disback(config, resume=True)["comparison"]
+    assert again["compared"] and again["dmd_run"] == str(dmd_dir(config))
+    assert again["updates_to_target"]["DMD"] == again["updates_to_target"]["DisBack"] is not None
+    assert again["final"]["DMD"] == again["final"]["DisBack"] == b["final"][again["metric"]]
 
 
 def test_both_stages_resume_exactly(tmp_path, toy_teacher, monkeypatch):
     whole = disback_config(tmp_path / "whole", toy_teacher)
     metrics = disback.train_disback(whole)
-    out = disback.disback_dir(whole)
+    out = disback_dir(whole)
     assert metrics["teacher_reached_at"] == 3 * 4 and (out / "snapshots" / "record_losses.json").is_file()
     assert not (out / "snapshots" / "record_progress.pt").exists()
 
@@ -80,7 +87,7 @@ def test_both_stages_resume_exactly(tmp_path, toy_teacher, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         disback.train_disback(part)
     monkeypatch.undo()
-    assert len(list((disback.disback_dir(part) / "snapshots").glob("snapshot_*.pt"))) == 2
+    assert len(list((disback_dir(part) / "snapshots").glob("snapshot_*.pt"))) == 2
     with pytest.raises(UserError, match="pass --resume"):
         disback.train_disback(part)
     die_on_call(monkeypatch, dmd, "dmd_generator_loss", 15)  # stage 2, after the checkpoint at 10
@@ -91,10 +98,42 @@ def test_both_stages_resume_exactly(tmp_path, toy_teacher, monkeypatch):
     resumed = disback.train_disback(part, resume=True)
     for name in ["snapshots/snapshot_02.pt", "snapshots/snapshot_04.pt", "checkpoint.pt"]:
         a = torch.load(out / name, weights_only=False)
-        b = torch.load(disback.disback_dir(part) / name, weights_only=False)
+        b = torch.load(disback_dir(part) / name, weights_only=False)
         for key in ("model",) if "snapshot" in name else ("generator", "fake_score"):
             assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), (name, key)
     assert resumed["final"]["mmd"] == metrics["final"]["mmd"]
+
+
+def test_disback_is_compared_only_with_a_dmd_run_of_the_same_settings(tmp_path):
+    # compare_with_dmd on written metrics: DMD's run with another seed, budget, learning rate, evaluation cadence,
+    # tag or teacher is not compared, and the reason says which; the same settings are compared.
+    config = disback.DisBackConfig.from_preset("toy", out_dir=str(tmp_path), dmd_iterations=20, eval_every=10)
+    history = [{"step": 0, "off_mode": 1.0, "mmd": 0.5}, {"step": 10, "off_mode": 0.4, "mmd": 0.1},
+               {"step": 20, "off_mode": 0.2, "mmd": 0.05}]
+    mine = {"final": history[-1], "history": history, "teacher": "t0", "teacher_reached_at": 0}
+
+    def dmd_run(teacher="t0", folder_config=config, **changes):
+        write_json(dmd_dir(folder_config) / "metrics.json", {"final": history[-1], "history": history,
+                                                             "teacher": teacher,
+                                                             "config": config.replace(**changes).as_dict()})
+
+    def compare(run_config=config):
+        return compare_with_dmd(run_config, mine, disback.COMPARED_KEYS)
+
+    assert not compare()["compared"] and "no finished DMD run" in compare()["why"]
+    dmd_run()
+    same = compare()
+    assert same["compared"] and same["dmd_run"] == str(dmd_dir(config)) and same["updates_to_target"]["DMD"] == 20
+    for change, message in [(dict(seed=1), "seed=1 (DisBack: 0)"), (dict(dmd_iterations=40), "dmd_iterations=40"),
+                            (dict(gen_lr=1e-3), "gen_lr=0.001"), (dict(eval_every=5), "eval_every=5"),
+                            (dict(teacher="t1"), "another teacher")]:
+        dmd_run(**change)
+        different = compare()
+        assert not different["compared"] and message in different["why"], (change, different)
+    dmd_run()
+    tagged = compare(config.replace(tag="nopath"))  # --tag: DMD's run of that tag, which does not exist
+    assert not tagged["compared"] and tagged["dmd_run"].endswith("dmd_1step_nopath")
+    assert "--tag nopath" in tagged["why"]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -1,5 +1,6 @@
 """DMD: the distribution-matching gradient, multi-step sampling, short runs with resume, errors."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,12 @@ import torch
 from conftest import die_on_call, log_records, with_teacher
 
 import dmd
-from common import UserError, diffuse
+from common import diffuse
+from plumbing.config import field_help
 from plumbing.data import GaussianMixture, gaussians8
+from plumbing.errors import UserError
+from plumbing.folders import dmd_dir
+from plumbing.image_metrics import load_lpips
 from train_teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,7 +112,7 @@ def dmd_config(folder, teacher_folder, **overrides):
 def test_short_runs_resume_exactly(tmp_path, toy_teacher, monkeypatch, steps):
     whole = dmd_config(tmp_path / "whole", toy_teacher, steps=steps)
     metrics = dmd.train_dmd(whole)
-    out = dmd.run_dir(whole)
+    out = dmd_dir(whole)
     assert [h["step"] for h in metrics["history"]] == [0, 10, 20]
     for name in ("metrics.json", "convergence.png", "loss.png", "eval_0000020/dm_view.png", "eval_0000020/samples.png"):
         assert (out / name).is_file(), name
@@ -125,11 +130,11 @@ def test_short_runs_resume_exactly(tmp_path, toy_teacher, monkeypatch, steps):
     torch.manual_seed(3)
     resumed = dmd.train_dmd(part, resume=True)
     a = torch.load(out / "checkpoint.pt", weights_only=False)
-    b = torch.load(dmd.run_dir(part) / "checkpoint.pt", weights_only=False)
+    b = torch.load(dmd_dir(part) / "checkpoint.pt", weights_only=False)
     for key in ("generator", "fake_score"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert resumed["final"]["mmd"] == metrics["final"]["mmd"]
-    assert log_records(dmd.run_dir(part)) == log_records(out)  # the line at 15 is not repeated
+    assert log_records(dmd_dir(part)) == log_records(out)  # the line at 15 is not repeated
 
 
 def test_regression_set_is_the_teachers_ddim_and_cached(tmp_path, toy_teacher):
@@ -144,6 +149,19 @@ def test_regression_set_is_the_teachers_ddim_and_cached(tmp_path, toy_teacher):
     assert torch.equal(again["y"], pairs["y"])
 
 
+def test_the_config_says_where_each_default_comes_from():
+    # The defaults read as the paper's CIFAR-10 settings; each comment (its --help) names its source, and the
+    # two that are not DMD's say so.
+    helps = field_help(dmd.DMDConfig)
+    sources = ("paper", "DMD", "this project", "re-implementation", "CIFAR-10")
+    last = {name: re.search(r"\(([^()]*)\)$", helps[name]) for name in dmd.DMDConfig.own_fields() if name != "tag"}
+    unsourced = [name for name, found in last.items() if not (found and any(s in found.group(1) for s in sources))]
+    assert not unsourced, {name: helps[name] for name in unsourced}
+    doc = " ".join(dmd.DMDConfig.__doc__.split())
+    assert "`dmd_label_dropout` 0.1: DMD's CIFAR-10 generator is class-conditional" in doc
+    assert "`grad_clip` 1.0 (inherited from TeacherConfig" in doc and "DMD2's code clips both at 10" in doc
+
+
 def test_regression_losses():
     x, y = torch.zeros(4, 2), torch.ones(4, 2)
     assert dmd.regression_loss(x, y, "mse").item() == 1.0
@@ -152,13 +170,34 @@ def test_regression_losses():
     assert dmd.regression_loss(x, x, "pseudo-huber").item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_lpips_unavailable_says_which_flag(tmp_path):
+def test_lpips_unavailable_says_which_flag(monkeypatch):
+    # Both ways LPIPS can be missing are made to happen (it loads where its weights are cached or downloadable).
     with pytest.raises(UserError, match="needs images"):
-        dmd.load_lpips(dmd.DMDConfig.from_preset("toy"), "cpu")
-    try:  # offline: either torchmetrics is missing or its weights cannot be downloaded
-        dmd.load_lpips(dmd.DMDConfig.from_preset("fmnist"), "cpu")
-    except UserError as e:
-        assert "--reg-loss pseudo-huber" in str(e)
+        load_lpips(dmd.DMDConfig.from_preset("toy"), "cpu")
+    fmnist = dmd.DMDConfig.from_preset("fmnist")
+    monkeypatch.setitem(sys.modules, "torchmetrics.image.lpip", None)  # torchmetrics (or its LPIPS) not installed
+    with pytest.raises(UserError, match=r"needs torchmetrics \(pip install torchmetrics\); or use --reg-loss pseudo"):
+        load_lpips(fmnist, "cpu")
+    monkeypatch.undo()
+    lpip = pytest.importorskip("torchmetrics.image.lpip")
+
+    def no_weights(*args, **kwargs):
+        raise OSError("the VGG weights cannot be downloaded")
+
+    monkeypatch.setattr(lpip, "LearnedPerceptualImagePatchSimilarity", no_weights)
+    with pytest.raises(UserError, match=r"LPIPS weights cannot be loaded \(OSError\); use --reg-loss pseudo-huber"):
+        load_lpips(fmnist, "cpu")
+
+
+def test_a_file_the_project_did_not_write_is_not_offered_for_deletion(tmp_path):
+    foreign = tmp_path / "passwd"  # `dmd.py --teacher /etc/passwd`
+    foreign.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(UserError) as refused:
+        dmd.main(["--preset", "toy", "--out-dir", str(tmp_path / "run"), "--teacher", str(foreign), "--device", "cpu"])
+    message = str(refused.value)
+    assert f"teacher checkpoint at {foreign} cannot be read" in message and "check the path" in message, message
+    assert "delete" not in message, message
+    assert foreign.read_text().startswith("root:")
 
 
 @pytest.mark.parametrize("args,message", [

@@ -11,9 +11,12 @@ from conftest import with_teacher
 import dmd
 import evaluate
 import progressive_distill as pd
-from common import read_json
+from plumbing import distributed
 from plumbing.data import DEBIAN_FASHION_MNIST, load_fashion_mnist
+from plumbing.errors import UserError
 from plumbing.image_metrics import classifier_accuracy, frechet_distance, train_classifier
+from plumbing.metrics import balanced_labels, evaluate_sampler
+from plumbing.training import read_json
 
 pytest.importorskip("torchmetrics")
 
@@ -75,8 +78,28 @@ def test_the_command_makes_the_table_and_plot_and_agrees_with_the_students(tmp_p
     assert (tmp_path / "evaluation" / "PD_2" / "samples_2.npz").is_file()
 
 
+def test_the_guided_sampler_draws_for_the_labels_it_is_given(tmp_path, monkeypatch):
+    # Under torchrun each process samples its share of the evaluation noise with that share's labels: a sampler
+    # that made its own labels per share drew samples for other labels than those they were scored against.
+    seen = []
+
+    def student(z_t, t, labels, w=None):
+        seen.append(labels.clone())
+        return torch.zeros_like(z_t)
+
+    given = torch.tensor([3, 3, 1, 0, 7])
+    evaluate.guided_sampler(student, 2.0)(torch.randn(5, 2), given, 2)
+    assert len(seen) == 2 and all(torch.equal(c, given) for c in seen)  # both DDIM steps, the given labels
+    # a process whose share starts at sample 3 of 20: it draws for labels 3, 4, ... (class-balanced, also on toy data)
+    monkeypatch.setattr(distributed, "chunk", lambda n: (3, n))
+    seen.clear()
+    config = evaluate.EvalConfig.from_preset("toy", out_dir=str(tmp_path), eval_samples=20)
+    evaluate_sampler(evaluate.guided_sampler(student, 0.0), config, tmp_path, [1], "cpu", balanced=True)
+    assert torch.equal(seen[0], balanced_labels(20, 8)[3:])
+
+
 def test_without_a_teacher_it_says_what_to_run(tmp_path):
-    with pytest.raises(evaluate.UserError, match="python train_teacher.py --preset toy"):
+    with pytest.raises(UserError, match="python train_teacher.py --preset toy"):
         evaluate.main(["--preset", "toy", "--out-dir", str(tmp_path)])
 
 

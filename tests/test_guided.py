@@ -12,11 +12,13 @@ import torch
 from conftest import die_on_call, log_records, with_teacher
 
 import guided_distill as gd
-from common import Denoiser, UserError, alpha_sigma, cfg, ddim_sample, ddim_step, diffuse, logsnr, save_checkpoint
+from common import Denoiser, MLPDenoiserNet, alpha_sigma, cfg, ddim_sample, ddim_step, diffuse, guided, logsnr
 from plumbing.data import gaussians8
-from plumbing.networks import MLPDenoiserNet
+from plumbing.errors import UserError
+from plumbing.folders import guided_dir
+from plumbing.training import save_checkpoint, write_json
 from progressive_distill import pd_target
-from train_teacher import TeacherConfig
+from train_teacher import TeacherConfig, load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 MIX = gaussians8()
@@ -159,17 +161,17 @@ def guided_config(folder, teacher_folder, **overrides):
 def test_both_stages_with_resume_in_each(tmp_path, toy_teacher, monkeypatch):
     whole = guided_config(tmp_path / "whole", toy_teacher)
     metrics = gd.guided_distillation(whole)
-    out = gd.run_dir(whole)
+    out = guided_dir(whole)
     for name in ("stage1.pt", "student_2.pt", "student_1.pt", "quality_vs_steps.png", "student_1/samples.png"):
         assert (out / name).is_file(), name
     assert set(metrics["students"]) == {"2", "1"} and set(metrics["students"]["1"]["stochastic"]) == {"0", "2"}
     assert set(metrics["teacher"]["2"]) == {"4", "2", "1"}  # the guided teacher at the students' step counts
     # stage one, 40 updates: at w = 2 its DDIM follows the guided teacher's (on shared noise) far better than
     # the unguided teacher it started from does
-    teacher = gd.load_teacher(whole, torch.device("cpu"), train_if_missing=False)
+    teacher = load_teacher(whole, torch.device("cpu"), train_if_missing=False)
     stage1 = gd.load_student(out / "stage1.pt", whole, "cpu", w_embedding=True)
     z, c = torch.randn(500, 2, generator=torch.Generator().manual_seed(5)), torch.arange(500) % 8
-    x_guided = ddim_sample(gd.guided(teacher, 2.0, NULL), z, 16, c)
+    x_guided = ddim_sample(guided(teacher, 2.0, NULL), z, 16, c)
     student_gap = (ddim_sample(gd.at_w(stage1, 2.0), z, 16, c) - x_guided).pow(2).mean()
     start_gap = (ddim_sample(teacher, z, 16, c) - x_guided).pow(2).mean()
     assert student_gap < 0.2 * start_gap, (student_gap, start_gap)
@@ -187,7 +189,7 @@ def test_both_stages_with_resume_in_each(tmp_path, toy_teacher, monkeypatch):
             with pytest.raises(UserError, match="stage1_lr"):
                 gd.guided_distillation(part.replace(stage1_lr=1e-4), resume=True)
         torch.manual_seed(11)  # the resumed run must not depend on the process's RNG
-        return gd.guided_distillation(part, resume=True), gd.run_dir(part)
+        return gd.guided_distillation(part, resume=True), guided_dir(part)
 
     # mid stage one; mid round 2 (4 -> 2 -> 1); each after a log line that follows the last checkpoint
     # (and once before stage one's first checkpoint)
@@ -199,6 +201,18 @@ def test_both_stages_with_resume_in_each(tmp_path, toy_teacher, monkeypatch):
             assert all(torch.equal(a[k], b[k]) for k in a), (fn, name)
         assert resumed["students"]["1"]["ddim"] == metrics["students"]["1"]["ddim"]
         assert log_records(part_out) == log_records(out), fn  # no line repeated
+
+
+def test_a_resumed_evaluator_reads_the_runs_metrics_once(tmp_path, monkeypatch):
+    from plumbing import reports
+
+    write_json(tmp_path / "metrics.json", {"teacher": {"2": {"4": {"mmd": 0.1}}}, "eval_time_s": 12.5})
+    reads, real = [], reports.read_json
+    monkeypatch.setattr(reports, "read_json", lambda path: reads.append(path) or real(path))
+    config = gd.GuidedConfig.from_preset("toy", out_dir=str(tmp_path), eval_samples=16)
+    evaluator = reports.GuidedEvaluator(TEACHER, config, "cpu", tmp_path, gd.sample, resume=True)
+    assert reads == [tmp_path / "metrics.json"]
+    assert evaluator.teacher_rows == {"2": {"4": {"mmd": 0.1}}} and evaluator.watch.seconds == 12.5
 
 
 def test_sampling_a_saved_student_at_any_trained_w(tmp_path, toy_teacher):
@@ -217,7 +231,7 @@ def test_single_w_baseline_trains_one_w_in_its_own_folder(tmp_path, toy_teacher)
     config = guided_config(tmp_path, toy_teacher, single_w=2.0, stage1_iterations=20, start_steps=2,
                            round_iterations=10)
     metrics = gd.guided_distillation(config)
-    assert gd.run_dir(config).name == "guided_single_w2" and metrics["w_min"] == metrics["w_max"] == 2.0
+    assert guided_dir(config).name == "guided_single_w2" and metrics["w_min"] == metrics["w_max"] == 2.0
     assert set(metrics["students"]["1"]["ddim"]) == {"2"}  # only the distilled w is measured
 
 

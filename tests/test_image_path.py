@@ -180,7 +180,8 @@ def test_teacher_and_a_student_at_any_image_size(tmp_path, size):
     # from the real input: at 16x16 and 32x32 alike, the one attention level below the top is size / 2.
     import torch
 
-    from plumbing.networks import Attention, build_network
+    from common import Attention
+    from plumbing.networks import build_network
 
     data = []
     if not DEBIAN_FASHION_MNIST.exists():
@@ -229,6 +230,8 @@ def test_the_gpu_check_runs_with_tiny_settings(tmp_path):
     result = assert_finite(tmp_path / "docs" / "results-gpu.json")
     assert [row["update"] for row in result["speed"]] == ["teacher step"] * 3 + [
         "PD update", "guided stage-one update", "DMD update (3 networks)"]
+    skipped = [(row["update"], row["precision"]) for row in result["speed"] if "skipped" in row]
+    assert skipped == [("teacher step", "bf16 + compile")], skipped  # on a CPU only torch.compile's row
     assert all(row["updates_per_s"] > 0 for row in result["speed"] if "skipped" not in row)
     assert set(result["pipeline"]["parts"]) == {"teacher", "progressive distillation", "DMD, 1 step", "evaluate.py"}
     assert set(result["pipeline"]["pd"]["students"]) == {"16", "8", "4"}

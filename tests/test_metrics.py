@@ -90,3 +90,17 @@ def test_an_image_evaluation_stays_within_its_share_of_training():
     assert within_share(config.replace(eval_share=0), [64], 1_000)["eval_samples"] == 2000  # 0: no cap
     toy = TeacherConfig.from_preset("toy", eval_share=0.5)
     assert within_share(toy, [256], 10)["eval_samples"] == toy.eval_samples  # toy points are cheap
+
+
+def test_one_rule_says_how_many_samples_a_step_count_draws():
+    # evaluate_sampler, the guided evaluator and the teacher's cost note count alike: eval_samples where a
+    # sampler is measured, a picture's worth above fd_max_steps.
+    from plumbing.metrics import sample_count
+    from train_teacher import TeacherConfig, evaluation_cost
+
+    config = TeacherConfig.from_preset("fmnist16")  # 2000 samples up to 64 steps; 10 classes, 8 rows a picture
+    assert [sample_count(config, s) for s in (1, 64, 256)] == [2000, 2000, 80]
+    calls = sum(s * sample_count(config, s) for s in config.eval_steps)
+    assert calls == (1 + 2 + 4 + 8 + 16 + 64) * 2000 + 256 * 80
+    assert f"{calls:,} network calls" in evaluation_cost(config, 10**9)
+    assert sample_count(TeacherConfig.from_preset("toy"), 256) == 2000  # toy data: always measured

@@ -4,6 +4,7 @@ a short ladder with an exact mid-round resume, and clear errors."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,10 @@ import torch
 from conftest import die_on_call, log_records, with_teacher
 
 import progressive_distill as pd
-from common import Denoiser, ddim_sample, ddim_step, diffuse, save_checkpoint
+from common import Denoiser, MLPDenoiserNet, ddim_sample, ddim_step, diffuse
 from plumbing.data import gaussians8
-from plumbing.networks import MLPDenoiserNet
+from plumbing.errors import UserError
+from plumbing.training import save_checkpoint
 from train_teacher import TeacherConfig, load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,9 +133,9 @@ def test_short_ladder_with_mid_round_resume(tmp_path, toy_teacher, monkeypatch):
         pd.progressive_distillation(part)
     monkeypatch.undo()
     assert torch.load(tmp_path / "part" / "pd" / "progress.pt", weights_only=False)["step"] == 40
-    with pytest.raises(pd.UserError, match="pass --resume"):
+    with pytest.raises(UserError, match="pass --resume"):
         pd.progressive_distillation(part)
-    with pytest.raises(pd.UserError, match="pd_batch_size=256 \\(now 128\\)"):  # one run's round, not two
+    with pytest.raises(UserError, match="pd_batch_size=256 \\(now 128\\)"):  # one run's round, not two
         pd.progressive_distillation(part.replace(pd_batch_size=128), resume=True)
     torch.manual_seed(7)  # the resumed run must not depend on the process's RNG
     pd.progressive_distillation(part, resume=True)
@@ -160,6 +162,30 @@ def test_short_ladder_with_mid_round_resume(tmp_path, toy_teacher, monkeypatch):
     monkeypatch.undo()
     pd.progressive_distillation(early, resume=True)
     assert log_records(tmp_path / "early" / "pd") == log_records(out)
+
+
+def test_the_probe_runs_off_the_training_clock(tmp_path, monkeypatch):
+    # PD's probe (N student and 2N teacher steps at every log line; 8192 teacher steps once per round on cifar10)
+    # is a diagnostic: made slow here (0.5 s a call, 4 calls), it must not show in the round's training time.
+    fields = dict(out_dir=str(tmp_path), device="cpu", iterations=5, eval_steps=[1], eval_samples=100)
+    load_teacher(TeacherConfig.from_preset("toy", **fields), torch.device("cpu"))  # trains a 5-update teacher
+    real, probing = pd.probe_gap, []
+
+    def slow_probe(*args):
+        start = time.perf_counter()
+        time.sleep(0.5)
+        gap = real(*args)
+        probing.append(time.perf_counter() - start)
+        return gap
+
+    monkeypatch.setattr(pd, "probe_gap", slow_probe)
+    config = pd.PDConfig.from_preset("toy", **fields, start_steps=2, to_steps=1, round_iterations=4, log_every=1)
+    start = time.perf_counter()
+    student = pd.progressive_distillation(config)["students"]["1"]
+    elapsed = time.perf_counter() - start
+    assert len(probing) == 4 and len([r for r in log_records(tmp_path / "pd") if "student_vs_teacher_mse" in r]) == 4
+    # the round's time and the probes' add up to no more than the whole run: the probes are not in the round's
+    assert student["round_time_s"] + sum(probing) <= elapsed + 0.05, (student["round_time_s"], sum(probing), elapsed)
 
 
 def test_students_sample_with_and_without_labels(tmp_path, toy_teacher):

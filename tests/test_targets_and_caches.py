@@ -13,8 +13,11 @@ import disback
 import dmd
 import guided_distill as gd
 import progressive_distill as pd
-from common import UserError, ddim_sample, diffuse, guided, save_checkpoint, trainable_copy
+from common import ddim_sample, diffuse, guided, trainable_copy
 from plumbing.data import gaussians8
+from plumbing.errors import UserError
+from plumbing.folders import dmd_dir
+from plumbing.training import save_checkpoint
 from train_teacher import TeacherConfig, load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,7 +233,7 @@ def test_reruns_are_refused_before_any_work_and_checkpoints_are_not_mistaken(tmp
     with pytest.raises(UserError, match="pass --resume"):  # a finished teacher, rerun without --resume
         train_teacher(teacher_config)
     assert (tmp_path / "teacher" / "log.jsonl").read_text() == teacher_log  # its log is kept
-    dmd_checkpoint = dmd.run_dir(config) / "checkpoint.pt"
+    dmd_checkpoint = dmd_dir(config) / "checkpoint.pt"
     before = dmd_checkpoint.read_bytes()
     with pytest.raises(UserError, match="is not a teacher checkpoint"):  # a DMD run is not a teacher to resume
         train_teacher(teacher_config.replace(teacher=str(dmd_checkpoint), iterations=3000), resume=True)
@@ -303,6 +306,22 @@ def test_the_teachers_speed_is_measured_once_per_teacher(tmp_path, toy_teacher, 
     reports.teacher_speed(teacher, config, CPU, z, labels, 16)
     assert calls  # measured again for another teacher
 
+
+def test_the_teachers_speed_is_kept_like_every_cache(tmp_path, monkeypatch):
+    # One cache helper (plumbing.training.cached) for the regression set, the classifier and the teacher's speed:
+    # keyed on the teacher's weights and the timed steps, in a file per device type and batch size.
+    from common import Denoiser, MLPDenoiserNet
+    from plumbing import reports
+
+    teacher = Denoiser(MLPDenoiserNet(8, hidden=16, depth=1)).eval().requires_grad_(False)
+    teacher.fingerprint = "t0"
+    kept, real = [], reports.cached
+    monkeypatch.setattr(reports, "cached", lambda path, key, make, what: kept.append((path.name, key)) or
+                        real(path, key, make, what))
+    config = TeacherConfig.from_preset("toy", out_dir=str(tmp_path))
+    speed = reports.teacher_speed(teacher, config, CPU, torch.randn(32, 2), torch.full((32,), 8), 16)
+    assert kept == [("speed_ddim16_cpu_batch32.pt", {"teacher": "t0", "timed_steps": 8})] and speed > 0
+    assert reports.teacher_speed(teacher, config, CPU, torch.randn(32, 2), torch.full((32,), 8), 16) == speed
 
 
 def test_the_teachers_speed_is_scaled_from_a_few_steps(tmp_path, toy_teacher, monkeypatch):

@@ -8,11 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import UserError, ddim_sample, load_checkpoint, save_checkpoint
+from common import ddim_sample
 from plumbing import training
+from plumbing.training import load_checkpoint, save_checkpoint
 from plumbing.config import parse_config
 from plumbing.data import gaussians8
+from plumbing.errors import UserError
 from plumbing.metrics import toy_metrics
+from dmd import DMDConfig
+from guided_distill import GuidedConfig
+from progressive_distill import PDConfig
 from train_teacher import TeacherConfig, evaluate_teacher, load_teacher, train_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +99,18 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
+def test_text_files_are_written_atomically_by_rank_0_alone(tmp_path, monkeypatch):
+    from plumbing import distributed
+
+    training.write_text(tmp_path / "a" / "results.md", "| table |\n")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["results.md"]  # no temporary file left behind
+    assert (tmp_path / "a" / "results.md").read_text() == "| table |\n"
+    monkeypatch.setattr(distributed, "is_main", lambda: False)  # another process under torchrun: it writes nothing
+    training.write_text(tmp_path / "b.md", "x")
+    training.write_json(tmp_path / "c.json", {})
+    assert not (tmp_path / "b.md").exists() and not (tmp_path / "c.json").exists()
+
+
 def test_load_teacher_errors(tmp_path):
     config = tiny(tmp_path, iterations=5, hidden=32)
     with pytest.raises(UserError, match="not found"):
@@ -131,6 +148,9 @@ def test_cli_overrides_every_field():
     (["--preset", "toy", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--preset", "toy", "--label-dropout", "1.5"], "--label-dropout must be in [0, 1)"),
     (["--preset", "toy", "--data", "mnist"], "unknown data set 'mnist'"),
+    (["--preset", "toy", "--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--preset", "toy", "--lr", "0"], "--lr must be above 0"),
+    (["--preset", "fmnist", "--channels", "48"], "a layer of 144 channels does not split into GroupNorm's 32 groups"),
     (["--preset", "toy", "--device", "cuda:3"] if not torch.cuda.is_available() else ["--preset", "nope"],
      "use --device cpu" if not torch.cuda.is_available() else "unknown preset"),
 ])
@@ -140,6 +160,20 @@ def test_bad_cli_input_gives_one_line(args, message, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_values_that_make_no_sense_are_one_line():
+    from plumbing.networks import build_network
+
+    with pytest.raises(UserError, match="--pd-lr must be a finite number, got inf"):
+        PDConfig.from_preset("toy", pd_lr=float("inf"))
+    with pytest.raises(UserError, match="--gen-lr must be above 0, got -0.001"):
+        DMDConfig.from_preset("toy", gen_lr=-1e-3)
+    with pytest.raises(UserError, match="--eval-ws must be a finite number, got nan"):
+        GuidedConfig.from_preset("toy", eval_ws=[0.0, float("nan")])
+    with pytest.raises(UserError, match="--channels 48 with --ch-mult 1 2 2: a layer of 144 channels"):
+        build_network(TeacherConfig.from_preset("fmnist", channels=48))
+    assert build_network(TeacherConfig.from_preset("fmnist", channels=96)) is not None  # a multiple of 32 splits
 
 
 def test_help_lists_the_fields():

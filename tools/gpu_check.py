@@ -42,10 +42,10 @@ import evaluate  # noqa: E402
 import guided_distill  # noqa: E402
 import progressive_distill  # noqa: E402
 import train_teacher  # noqa: E402
-from common import Denoiser, diffusion_loss, pick_device, run_cli, trainable_copy  # noqa: E402
+from common import Denoiser, diffusion_loss, trainable_copy  # noqa: E402
 from plumbing.config import sample_shape  # noqa: E402
 from plumbing.networks import build_network  # noqa: E402
-from plumbing.training import autocast, optimizer_step, prepare_network  # noqa: E402
+from plumbing.training import autocast, optimizer_step, pick_device, prepare_network, run_cli  # noqa: E402
 
 # Shares of the budget (the rest is start-up, evaluation and the tables).
 SPEED_SHARE, TEACHER_SHARE, PD_SHARE, DMD_SHARE = 0.2, 0.22, 0.1, 0.1

@@ -1,0 +1,42 @@
+"""Where each script writes, named from its config, so that a script and the reports that read another
+script's results (DisBack's comparison with DMD, the teacher's metrics beside a student's) agree:
+
+    <out_dir>/teacher.pt, teacher/     train_teacher.py      teacher_dir (beside --teacher's checkpoint)
+    <out_dir>/pd/                      progressive_distill.py pd_dir
+    <out_dir>/guided[_single_w<w>]/    guided_distill.py     guided_dir
+    <out_dir>/dmd_<K>step[_<tag>]/     dmd.py                dmd_dir
+    <out_dir>/disback_<K>step[_<tag>]/ disback.py            disback_dir
+
+<out_dir> is runs/<preset> unless --out-dir says otherwise (plumbing/config.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def teacher_dir(config: dict) -> Path:
+    """Where the teacher's pictures, samples, log and metrics.json go: beside its checkpoint."""
+    return Path(config["teacher"]).with_suffix("")
+
+
+def pd_dir(config: dict) -> Path:
+    return Path(config["out_dir"]) / "pd"
+
+
+def guided_dir(config: dict) -> Path:
+    single = config["single_w"]
+    return Path(config["out_dir"]) / ("guided" if single is None else f"guided_single_w{single:g}")
+
+
+def dmd_dir(config: dict) -> Path:
+    return Path(config["out_dir"]) / (f"dmd_{config['steps']}step" + tagged(config))
+
+
+def disback_dir(config: dict) -> Path:
+    return Path(config["out_dir"]) / (f"disback_{config['steps']}step" + tagged(config))
+
+
+def tagged(config: dict) -> str:
+    """The run folder's suffix for --tag: '' or '_<tag>'."""
+    return f"_{config['tag']}" if config["tag"] else ""
