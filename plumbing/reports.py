@@ -178,18 +178,19 @@ class GuidedEvaluator:
         if self.config["single_w"] is not None:
             ws = [self.config["single_w"]]  # the single-w baseline is measured at its own w
         results, panels = {sampler: {} for sampler in samplers}, {}
+        full = self.in_full(steps)  # measured, or pictures only
         for w in ws:
             # The guided teacher at the student's steps (see in_full), and on images at 64 steps once per w.
             reference = [] if self.toy else [min(self.IMAGE_REFERENCE_STEPS, self.config["fd_max_steps"])]
-            for n in {steps if self.in_full(steps) else 0, *reference}:
+            for n in {steps if full else 0, *reference}:
                 if n and str(n) not in self.teacher_rows.get(f"{w:g}", {}):
                     self.teacher_rows.setdefault(f"{w:g}", {})[str(n)] = self.measure_teacher(w, n)
             for sampler in samplers:
                 g = torch.Generator().manual_seed(self.config["eval_seed"] + 1)  # the stochastic sampler's noise
                 x = self.draw(lambda z_b, c_b, w=w, sampler=sampler, g=g: self.sample(student, z_b, c_b, w, steps,
                                                                                     sampler, g), self.z, steps,
-                              measured=self.in_full(steps))
-                results[sampler][f"{w:g}"] = self.measure(x, w) if self.in_full(steps) else {}
+                              measured=full)
+                results[sampler][f"{w:g}"] = self.measure(x, w) if full else {}
                 if self.toy:
                     panels[f"w = {w:g}, {sampler}"] = x
                 else:
