@@ -239,13 +239,15 @@ def time_grid(steps: int) -> list[float]:
 
 @torch.no_grad()
 def ddim_sample(denoiser, z: torch.Tensor, steps: int, labels: torch.Tensor,
-                return_trajectory: bool = False, progress: bool = False):
+                return_trajectory: bool = False, progress: bool = False, grid: list[float] | None = None):
     """N-step deterministic DDIM from z = z_1 ~ N(0, I); returns the final x_hat.
 
-    With `return_trajectory`, also returns the list [z_1, z_{(N-1)/N}, ..., z_0].
+    With `return_trajectory`, also returns the list [z_1, z_{(N-1)/N}, ..., z_0]. `grid` replaces the uniform
+    times by given ones, decreasing to 0 (a discrete-time sampler's steps in our time, for comparisons).
     """
     assert z.shape[0] == labels.shape[0], "one label per sample"
-    grid = time_grid(steps)
+    grid = time_grid(steps) if grid is None else grid
+    assert len(grid) == steps + 1 and grid[-1] == 0, "a grid of steps + 1 times ending at 0"
     trajectory = [z]
     pairs = list(zip(grid[:-1], grid[1:]))
     for t, s in tqdm(pairs, desc=f"DDIM {steps}", leave=False, disable=not progress):

@@ -64,6 +64,7 @@ from plumbing.folders import dmd_dir, teacher_dir
 from plumbing.image_metrics import load_lpips
 from plumbing.loop import Loop
 from plumbing.metrics import image_batch
+from plumbing.pretrained import is_pretrained
 from plumbing.reports import DMDMonitor, print_dmd_summary
 from plumbing.training import (EMA, autocast, cached, check_same_teacher, optimizer_step, pick_device, progress,
                                run_cli, seed_everything)
@@ -388,7 +389,10 @@ def samples_null_label(config: DMDConfig) -> bool:
 
 
 def check_null_label(config: DMDConfig) -> None:
-    """A teacher without the null label is refused where the run would sample it (DMD and DisBack)."""
+    """A teacher without the null label is refused where the run would sample it (DMD and DisBack); an
+    unconditional one (a diffusers teacher) ignores labels, so guiding it would change nothing."""
+    require(not (is_pretrained(config) and config.real_guidance > 0),
+            f"{config.teacher} is unconditional, so it cannot be guided; pass --real-guidance 0")
     if samples_null_label(config):
         require_null_label(config, "DMD cannot sample the null label from it (--dmd-label-dropout, "
                                    "--real-guidance or toy data's unconditional evaluation ask for it)")

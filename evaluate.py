@@ -44,6 +44,7 @@ from plumbing.errors import UserError, require
 from plumbing.image_metrics import image_quality
 from plumbing.metrics import balanced_labels, evaluate_sampler
 from plumbing.networks import frozen_denoiser
+from plumbing.pretrained import is_pretrained
 from plumbing.training import (check_compatible, fingerprint, load_checkpoint, pick_device, prepare_network, run_cli,
                                samples_per_second, save_figure, seeded_rng, write_text)
 from train_teacher import TeacherConfig, load_teacher, require_null_label
@@ -177,7 +178,8 @@ def evaluate_all(config: EvalConfig) -> dict:
     if config.net == "mlp":  # toy rows are unconditional: the null label
         require_null_label(config, "the toy rows, which sample the null label, cannot be measured")
     device = pick_device(config.device)
-    teacher = load_teacher(config, device, train_if_missing=False) if Path(config.teacher).exists() else None
+    known = is_pretrained(config) or Path(config.teacher).exists()
+    teacher = load_teacher(config, device, train_if_missing=False) if known else None
     if teacher is None:
         raise UserError(f"no teacher at {config.teacher}; train it with `python train_teacher.py --preset "
                         f"{config.preset}` (evaluate.py trains nothing)")

@@ -51,6 +51,7 @@ from plumbing.errors import UserError, require
 from plumbing.folders import guided_dir
 from plumbing.loop import Ladder
 from plumbing.metrics import balanced_labels
+from plumbing.pretrained import is_pretrained
 from plumbing.reports import GuidedEvaluator, plot_guided_quality, print_guided_round
 from plumbing.training import LogWriter, pick_device, run_cli, save_image_grid, save_scatter, seed_everything
 from progressive_distill import (ROUND_KEYS, PDConfig, load_student, pd_loss, probe_gap, probe_noise, snr_weight,
@@ -243,6 +244,8 @@ def train_stage_one(teacher: Denoiser, config: GuidedConfig, device, out: Path, 
 
 def guided_distillation(config: GuidedConfig, resume: bool = False) -> dict:
     """Stage one, then stage two's ladder start_steps -> to_steps; every student saved and measured."""
+    require(not is_pretrained(config), f"guided distillation needs a class-conditional teacher that knows a null "
+            f"label, and {config.teacher} is unconditional; distil it with progressive_distill.py or dmd.py")
     require_null_label(config, "it cannot be guided")  # guidance needs x_hat(z_t, null)
     device = pick_device(config.device)
     ladder = Ladder(guided_dir(config), config, resume)  # finished stages load, an interrupted one resumes

@@ -45,6 +45,7 @@ from plumbing.image_metrics import image_quality
 from plumbing.loop import Loop
 from plumbing.metrics import describe, evaluate_sampler, sample_count, within_share
 from plumbing.networks import build_network, frozen_denoiser
+from plumbing.pretrained import is_pretrained, load_pretrained
 from plumbing.training import (EMA, LogWriter, autocast, check_compatible, fingerprint, load_checkpoint,
                                optimizer_step, pick_device, prepare_network, run_cli, seed_everything, write_json)
 
@@ -173,7 +174,15 @@ def evaluation_cost(config: dict, training: int) -> str:
 
 
 def load_teacher(config: TeacherConfig, device: torch.device, train_if_missing: bool = True) -> Denoiser:
-    """The frozen teacher (EMA weights, eval mode, no grads); trained first if missing."""
+    """The frozen teacher (EMA weights, eval mode, no grads); trained first if missing. A diffusers checkpoint
+    (--teacher diffusers:<hub id or folder>) comes wrapped as a denoiser (plumbing/pretrained.py) and is never
+    trained here."""
+    if is_pretrained(config):
+        require(config.net == "unet", "a diffusers teacher is an image model; pass an image --preset or --data")
+        teacher = load_pretrained(config, device).requires_grad_(False)  # eval mode, no grads
+        teacher.checkpoint, teacher.fingerprint = config.teacher, fingerprint(teacher.state_dict())
+        prepare_network(teacher, config, device, compile=False)  # students are copies of it
+        return teacher
     path = Path(config.teacher)
     if train_if_missing:
         state = load_checkpoint(path, "teacher checkpoint") if path.exists() else None
@@ -195,7 +204,10 @@ def load_teacher(config: TeacherConfig, device: torch.device, train_if_missing: 
 def require_null_label(config: TeacherConfig, why: str) -> None:
     """x_hat(z_t, null), the unconditional model, exists only in a teacher trained with label dropout: a method
     that will sample the null label (guidance, PD's probe, unconditional toy evaluation; `why` says which)
-    refuses any other teacher, before any work. A teacher still to be trained is judged by this config."""
+    refuses any other teacher, before any work. A teacher still to be trained is judged by this config.
+    An unconditional teacher (a diffusers one) ignores labels: every label is its null label."""
+    if is_pretrained(config):
+        return
     path = Path(config.teacher)
     trained = load_checkpoint(path, "teacher checkpoint")["config"] if path.exists() else config
     if trained["label_dropout"] <= 0:
@@ -208,6 +220,8 @@ def main(argv=None) -> None:
     config, flags = parse_config(TeacherConfig, __doc__.split("\n\n")[0], argv,
                                  {"resume": "continue the run from its checkpoint"})
     resume = flags["resume"]
+    require(not is_pretrained(config), f"--teacher {config.teacher} is already trained; distil it (e.g. "
+            f"`python dmd.py --teacher {config.teacher}`) or measure it with `python evaluate.py --teacher ...`")
     device = pick_device(config.device)
     print(f"training the {config.preset} teacher on {device}: {config.iterations} iterations "
           f"-> {config.teacher}")

@@ -2,6 +2,7 @@
 script's results (DisBack's comparison with DMD, the teacher's metrics beside a student's) agree:
 
     <out_dir>/teacher.pt, teacher/     train_teacher.py      teacher_dir (beside --teacher's checkpoint)
+    <out_dir>/teacher_<name>/          a diffusers teacher   teacher_dir (its caches: DMD's pairs, speeds)
     <out_dir>/pd/                      progressive_distill.py pd_dir
     <out_dir>/guided[_single_w<w>]/    guided_distill.py     guided_dir
     <out_dir>/dmd_<K>step[_<tag>]/     dmd.py                dmd_dir
@@ -14,9 +15,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from plumbing.pretrained import is_pretrained, pretrained_name
+
 
 def teacher_dir(config: dict) -> Path:
-    """Where the teacher's pictures, samples, log and metrics.json go: beside its checkpoint."""
+    """Where the teacher's pictures, samples, log and metrics.json go: beside its checkpoint; for a diffusers
+    teacher (--teacher diffusers:<name>), <out_dir>/teacher_<last part of the name>/."""
+    if is_pretrained(config):
+        return Path(config["out_dir"]) / f"teacher_{Path(pretrained_name(config)).name}"
     return Path(config["teacher"]).with_suffix("")
 
 

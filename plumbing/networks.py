@@ -6,6 +6,7 @@ from __future__ import annotations
 from common import Denoiser, MLPDenoiserNet, UNet
 from plumbing.config import image_size
 from plumbing.errors import UserError
+from plumbing.pretrained import is_pretrained, load_pretrained
 
 
 def build_network(config: dict):
@@ -22,9 +23,14 @@ def build_network(config: dict):
                         f"{e}; a --channels that is a multiple of 32 always splits") from None
 
 
-def frozen_denoiser(config: dict, weights: dict, device, w_embedding: bool = False) -> Denoiser:
+def frozen_denoiser(config: dict, weights: dict, device, w_embedding: bool = False):
     """A saved denoiser rebuilt from its config and weights, frozen (eval mode, no grads);
-    `w_embedding` for guided distillation's w-conditioned students."""
+    `w_embedding` for guided distillation's w-conditioned students. The students of a diffusers teacher are
+    that teacher's wrapper (plumbing/pretrained.py) with their own weights."""
+    if is_pretrained(config):
+        model = load_pretrained(config, device, weights=False)
+        model.load_state_dict(weights)
+        return model.eval().requires_grad_(False)
     net = build_network(config)
     if w_embedding:
         net.enable_w_embedding()

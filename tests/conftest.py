@@ -1,9 +1,12 @@
+import gzip
 import inspect
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,3 +72,33 @@ def log_records(run_folder) -> list[dict]:
     """The lines of a run's log.jsonl, parsed."""
     lines = (Path(run_folder) / "log.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def write_fake_fashion_mnist(root: Path, n: int = 200) -> None:
+    """Generated 28x28 images in the idx format, one blob brightness per class, for machines without
+    Debian's package."""
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = (rng.random((n, 28, 28)) * 40 + labels[:, None, None] * 20).astype(np.uint8)
+        for name, array, magic in ((f"{prefix}-images-idx3-ubyte", images, 3), (f"{prefix}-labels-idx1-ubyte",
+                                                                                 labels, 1)):
+            head = bytes([0, 0, 8, magic]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+            with gzip.open(root / f"{name}.gz", "wb") as f:
+                f.write(head + array.tobytes())
+
+
+def numbers(obj, path="") -> list[tuple[str, float]]:
+    """Every number in a JSON-like object, with where it sits."""
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in numbers(v, f"{path}/{k}")]
+    if isinstance(obj, list):
+        return [n for i, v in enumerate(obj) for n in numbers(v, f"{path}/{i}")]
+    return [(path, float(obj))] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
+
+
+def assert_finite(metrics_json: Path) -> dict:
+    metrics = json.loads(metrics_json.read_text())
+    bad = [(where, value) for where, value in numbers(metrics) if not math.isfinite(value)]
+    assert not bad, bad
+    return metrics

@@ -3,12 +3,9 @@ generated images where it is missing) with a tiny UNet and a few updates. Each t
 files the script promises and that every number it writes is finite; the teacher, the feature
 classifier and the reference statistics are made once and shared by the tests of this file."""
 
-import gzip
-import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import disback
@@ -17,6 +14,7 @@ import evaluate
 import guided_distill
 import progressive_distill
 import train_teacher
+from conftest import assert_finite, write_fake_fashion_mnist
 from plumbing.data import DEBIAN_FASHION_MNIST
 
 pytest.importorskip("torchmetrics")
@@ -25,20 +23,6 @@ pytestmark = pytest.mark.slow
 TINY = ["--preset", "fmnist16", "--device", "cpu", "--channels", "16", "--ch-mult", "1", "2", "--num-res-blocks", "1",
         "--attn-res", "8", "--eval-samples", "40", "--eval-share", "0", "--classifier-steps", "30",
         "--log-every", "2", "--ckpt-every", "2", "--eval-steps", "1", "4", "--no-amp"]
-
-
-def write_fake_fashion_mnist(root: Path, n: int = 200) -> None:
-    """Generated 28x28 images in the idx format, one blob brightness per class, for machines without
-    Debian's package."""
-    rng = np.random.default_rng(0)
-    for prefix in ("train", "t10k"):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = (rng.random((n, 28, 28)) * 40 + labels[:, None, None] * 20).astype(np.uint8)
-        for name, array, magic in ((f"{prefix}-images-idx3-ubyte", images, 3), (f"{prefix}-labels-idx1-ubyte",
-                                                                                 labels, 1)):
-            head = bytes([0, 0, 8, magic]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-            with gzip.open(root / f"{name}.gz", "wb") as f:
-                f.write(head + array.tobytes())
 
 
 @pytest.fixture(scope="module")
@@ -52,22 +36,6 @@ def run(tmp_path_factory):
     args = [*TINY, *data, "--out-dir", str(folder), "--iterations", "8", "--batch-size", "8"]
     train_teacher.main([*args, "--sample-every", "4"])
     return folder, args
-
-
-def numbers(obj, path="") -> list[tuple[str, float]]:
-    """Every number in a JSON-like object, with where it sits."""
-    if isinstance(obj, dict):
-        return [n for k, v in obj.items() for n in numbers(v, f"{path}/{k}")]
-    if isinstance(obj, list):
-        return [n for i, v in enumerate(obj) for n in numbers(v, f"{path}/{i}")]
-    return [(path, float(obj))] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
-
-
-def assert_finite(metrics_json: Path) -> dict:
-    metrics = json.loads(metrics_json.read_text())
-    bad = [(where, value) for where, value in numbers(metrics) if not math.isfinite(value)]
-    assert not bad, bad
-    return metrics
 
 
 def test_teacher_measures_fd_per_ddim_step_count(run):

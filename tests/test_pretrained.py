@@ -1,0 +1,195 @@
+"""A diffusers teacher (plumbing/pretrained.py), offline: a tiny UNet2DModel with random weights and a DDPM
+schedule, written with save_pretrained to a temporary folder. The oracle is diffusers' own DDIMScheduler: the
+project's DDIM through the wrapper must land where it lands, from the same noise. Then PD, DMD, DisBack and
+evaluate.py run from the wrapped teacher on Fashion-MNIST at 16x16."""
+
+
+import pytest
+import torch
+
+import disback
+import dmd
+import evaluate
+import guided_distill
+import progressive_distill
+import train_teacher
+from common import ddim_sample, trainable_copy
+from conftest import assert_finite, write_fake_fashion_mnist
+from plumbing.data import DEBIAN_FASHION_MNIST
+from plumbing.errors import UserError
+from plumbing.networks import frozen_denoiser
+from plumbing.pretrained import load_pretrained
+from train_teacher import TeacherConfig
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def save_tiny(folder, prediction_type="epsilon", seed=0):
+    """A 1x16x16 UNet2DModel (0.18M parameters, random weights) beside DDPM's linear betas, as
+    google/ddpm-cifar10-32 lays them out: config.json, weights and scheduler_config.json in one folder."""
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                                 attention_head_dim=8)
+    unet.save_pretrained(folder)
+    diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                            prediction_type=prediction_type).save_pretrained(folder)
+    return unet.eval()
+
+
+def wrapped(folder, **overrides):
+    config = TeacherConfig.from_preset("fmnist16", teacher=f"diffusers:{folder}", device="cpu", **overrides)
+    return load_pretrained(config, "cpu").requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_ddpm")
+    return folder, save_tiny(folder)
+
+
+@pytest.mark.parametrize("prediction_type,steps", [("epsilon", 10), ("epsilon", 50), ("v_prediction", 10)])
+def test_our_ddim_through_the_wrapper_matches_diffusers_ddim(tmp_path, prediction_type, steps):
+    unet = save_tiny(tmp_path, prediction_type)
+    teacher = wrapped(tmp_path)
+    scheduler = diffusers.DDIMScheduler.from_pretrained(tmp_path, clip_sample=False)  # ours never clips
+    scheduler.set_timesteps(steps)  # [900, 800, ..., 0] at 10 steps, the last one lands on alpha = 1
+    z_1 = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    z = z_1.clone()
+    with torch.no_grad():
+        for k in scheduler.timesteps:
+            z = scheduler.step(unet(z, k).sample, k, z).prev_sample
+    # the same discrete steps in our time (same log-SNR), then t = 0 for diffusers' final alpha_bar = 1
+    grid = [float(teacher.time_of_step(int(k))) for k in scheduler.timesteps] + [0.0]
+    ours = ddim_sample(teacher, z_1, steps, torch.zeros(4, dtype=torch.long), grid=grid)
+    scale = z.abs().max()  # a random network's x_hat is large (x = (z - sigma eps) / alpha near the top)
+    assert scale > 1 and (ours - z).abs().max() <= 1e-4 * scale, ((ours - z).abs().max(), scale)
+    wrong = [float(teacher.time_of_step(int(k) + 1)) for k in scheduler.timesteps] + [0.0]  # one step later
+    missed = (ddim_sample(teacher, z_1, steps, torch.zeros(4, dtype=torch.long), grid=wrong) - z).abs().max()
+    assert missed > 1e-3 * scale, (missed, scale)  # (measured: 8e-3 of the scale)
+
+
+def test_the_network_sees_the_fractional_step_of_the_same_log_snr(tiny):
+    folder, unet = tiny
+    teacher = wrapped(folder)
+    lam = teacher.lambdas
+    # halfway in log-SNR between steps 400 and 401: tan(pi t / 2) = exp(-lambda / 2)
+    t_half = 2 / torch.pi * torch.atan(torch.exp(-0.25 * (lam[400] + lam[401]))).float()
+    tau, _ = teacher.step_of(torch.stack([teacher.time_of_step(0), teacher.time_of_step(400), t_half,
+                                          teacher.time_of_step(999)]))
+    assert torch.allclose(tau, torch.tensor([0.0, 400.0, 400.5, 999.0]), atol=2e-3), tau
+    z = torch.randn(2, 1, 16, 16)
+    alpha_bar = torch.sigmoid(0.5 * (lam[400] + lam[401])).float()
+    with torch.no_grad():
+        direct = (z - (1 - alpha_bar).sqrt() * unet(z, torch.full((2,), float(tau[2]))).sample) / alpha_bar.sqrt()
+        assert torch.allclose(teacher(z, t_half.expand(2), None), direct, atol=1e-4)
+
+
+def test_outside_the_trained_range_the_nearest_trained_level_is_used(tiny):
+    folder, _ = tiny
+    teacher = wrapped(folder)
+    t_min, t_max = float(teacher.time_of_step(0)), float(teacher.time_of_step(999))
+    assert 0.0063 < t_min < 0.0065 and 0.9959 < t_max < 0.9961  # DDPM's linear betas in our cosine time
+    z = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        top, bottom = teacher(z, torch.ones(3), None), teacher(z, torch.zeros(3), None)
+        assert torch.isfinite(top).all() and torch.isfinite(bottom).all()
+        assert torch.equal(top, teacher(z, torch.full((3,), t_max), None))
+        assert torch.equal(bottom, teacher(z, torch.full((3,), t_min), None))
+        assert not torch.allclose(top, teacher(z, torch.full((3,), 0.9), None))  # inside, t still matters
+
+
+def test_a_student_starts_as_the_teacher_and_stays_finite_at_t_1(tiny):
+    folder, _ = tiny
+    teacher = wrapped(folder)
+    student = trainable_copy(teacher)
+    z, labels = torch.randn(4, 1, 16, 16), torch.tensor([0, 3, 7, 10])  # labels, the null label too, are ignored
+    times = torch.tensor([1.0, 0.999, 0.5, 0.01])
+    with torch.no_grad():  # the same function (in eval mode bit for bit; train mode takes other kernels)
+        assert torch.equal(student.eval()(z, times, labels), teacher(z, times, torch.zeros(4, dtype=torch.long)))
+    student.train()
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    for _ in range(3):  # a one-step generator's update: x = student(z_1, 1), a loss on x
+        x = student(z, torch.ones(4), labels)
+        loss = (x - 0.5).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        assert torch.isfinite(x).all() and all(torch.isfinite(p.grad).all() for p in student.parameters())
+        opt.step()
+    assert not torch.equal(student(z, torch.ones(4), labels), teacher(z, torch.ones(4), labels))  # it learned
+    v = student.predict_v(z, torch.full((4,), 0.5), labels)  # the fake score's v-MSE reads this
+    assert torch.allclose(v, (0.5 ** 0.5 * z - student(z, torch.full((4,), 0.5), labels)) / 0.5 ** 0.5, atol=1e-4)
+
+
+def test_bad_diffusers_teachers_are_one_line(tiny, tmp_path, monkeypatch):
+    folder, _ = tiny
+    with pytest.raises(UserError, match="takes 1x16x16 images.*--image-size"):
+        wrapped(folder, image_size=32)
+    with pytest.raises(UserError, match="no UNet config.json"):
+        wrapped(tmp_path)
+    with pytest.raises(UserError, match="no such folder, and not a hub id"):
+        wrapped(tmp_path / "missing" / "deeper")
+    conditional = tmp_path / "conditional"
+    diffusers.UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                          layers_per_block=1, norm_num_groups=8, num_class_embeds=10,
+                          down_block_types=("DownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(conditional)
+    diffusers.DDPMScheduler().save_pretrained(conditional)
+    with pytest.raises(UserError, match="class-conditional"):
+        wrapped(conditional)
+    monkeypatch.setitem(__import__("sys").modules, "diffusers", None)  # as if it were not installed
+    with pytest.raises(UserError, match="pip install diffusers"):
+        wrapped(folder)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny):
+    folder = tmp_path_factory.mktemp("from_diffusers")
+    data = []
+    if not DEBIAN_FASHION_MNIST.exists():
+        (folder / "data").mkdir()
+        write_fake_fashion_mnist(folder / "data")
+        data = ["--data-dir", str(folder / "data")]
+    args = ["--preset", "fmnist16", "--device", "cpu", "--teacher", f"diffusers:{tiny[0]}", "--out-dir", str(folder),
+            "--eval-samples", "40", "--eval-share", "0", "--classifier-steps", "30", "--log-every", "2",
+            "--ckpt-every", "2", "--eval-steps", "1", "4", "--no-amp", *data]
+    return folder, args
+
+
+@pytest.mark.slow
+def test_pd_dmd_disback_and_evaluate_distil_a_diffusers_teacher(run, tiny):
+    folder, args = run
+    progressive_distill.main([*args, "--start-steps", "4", "--to-steps", "1", "--round-iterations", "2",
+                              "--pd-batch-size", "4"])
+    dmd_args = ["--steps", "1", "--dmd-iterations", "2", "--eval-every", "2", "--dmd-batch-size", "4",
+                "--fake-updates", "1", "--reg-loss", "mse", "--reg-pairs", "8", "--reg-steps", "2"]
+    dmd.main([*args, *dmd_args])
+    disback.main([*args, *dmd_args, "--snapshots", "2", "--record-iterations", "2", "--interval", "1"])
+    assert not (folder / "teacher.pt").exists()  # nothing trained a teacher
+    pd = assert_finite(folder / "pd" / "metrics.json")
+    assert set(pd["students"]) == {"2", "1"} and all("fd_classifier" in s for s in pd["students"].values())
+    for name in ("dmd_1step", "disback_1step"):
+        metrics = assert_finite(folder / name / "metrics.json")
+        assert [h["step"] for h in metrics["history"]] == [0, 2] and metrics["teacher"]
+    # a student's checkpoint comes back as the teacher's wrapper with the student's weights
+    state = torch.load(folder / "pd" / "student_1.pt", weights_only=True)
+    student = frozen_denoiser(state["config"], state["model"], "cpu")
+    teacher = wrapped(tiny[0])
+    assert type(student) is type(teacher) and not torch.equal(student.net.conv_out.weight, teacher.net.conv_out.weight)
+    z = torch.randn(2, 1, 16, 16)
+    assert torch.isfinite(ddim_sample(student, z, 1, torch.zeros(2, dtype=torch.long))).all()
+    evaluate.main([*args, "--num-samples", "40", "--speed-batch", "4", "--teacher-steps", "1", "4"])
+    table = (folder / "results.md").read_text()
+    for row in ("| teacher DDIM | 4 | 4 |", "| PD | 1 | 1 |", "| DMD | 1 | 1 |", "| DisBack | 1 | 1 |"):
+        assert row in table, (row, table)
+
+
+def test_what_a_diffusers_teacher_cannot_do_is_one_line(run):
+    _, args = run
+    with pytest.raises(UserError, match="class-conditional teacher that knows a null label"):
+        guided_distill.main([*args, "--start-steps", "2", "--to-steps", "1"])
+    with pytest.raises(UserError, match="already trained"):
+        train_teacher.main(args)
+    with pytest.raises(UserError, match="--real-guidance 0"):
+        dmd.main([*args, "--real-guidance", "2", "--tag", "guided"])
