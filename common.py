@@ -224,8 +224,11 @@ def no_grad_fp32():
 
 def trainable_copy(teacher: nn.Module) -> nn.Module:
     """A student (or generator, or fake score) starts as a copy of its teacher, in train mode
-    with gradients on and dropout off: every distillation method trains without dropout."""
+    with gradients on and dropout off: every distillation method trains without dropout. A teacher whose
+    students read its network their own way says so with `as_student()` (a pretrained epsilon teacher)."""
     model = copy.deepcopy(teacher).train().requires_grad_(True)
+    if hasattr(model, "as_student"):
+        model.as_student()
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0

@@ -18,10 +18,11 @@ time) the rule is: **lambda is clamped to the range**, so the teacher reads z_t 
 trained level, x_hat(z_t, t) = x_hat(z_t, clamp(t, t_min, t_max)). At t = 1, where alpha_1 = 0 and
 x = (z - sigma eps) / alpha has no value, x_hat(z_1, 1) = x_hat(z_1, t_max) is finite.
 
-Students and generators are copies of this wrapper (`common.trainable_copy`), so they start as exactly the
-teacher's function on its whole trained range, and keep its reading of the network. The price sits at the top:
-x from epsilon at t_max divides by alpha_{K-1} (0.0064 for DDPM's betas), so an error in a one-step student's
-epsilon is about 157 times larger in x. docs/pretrained.md says why this reading was kept.
+Students and generators are copies of this wrapper (`common.trainable_copy`) that read an epsilon network
+with alpha floored at 0.1: x_hat = (z - sigma eps_hat) / max(alpha, 0.1). Where alpha >= 0.1 (t <= 0.936)
+they start as exactly the teacher. Above, the teacher's own reading divides by alpha down to
+alpha_{K-1} = 0.0064 (157x for DDPM's betas), and a student's error in eps_hat there would cost 157 times as
+much in x: with the floor it costs at most 10 times. docs/pretrained.md has the measurement behind the choice.
 
 diffusers is imported only here, and only when a `diffusers:` teacher is asked for.
 """
@@ -41,6 +42,7 @@ from plumbing.errors import UserError, require
 
 PREFIX = "diffusers:"
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
+STUDENT_ALPHA_FLOOR = 0.1  # students divide by max(alpha, 0.1): at most 10x, where the teacher reaches 157x
 
 
 def is_pretrained(config: dict) -> bool:
@@ -68,6 +70,16 @@ class DiscreteTimeTeacher(nn.Module):
         # lambda_k = log(alpha_bar_k / (1 - alpha_bar_k)), decreasing in k
         lambdas = torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod)
         self.register_buffer("lambdas", lambdas.float(), persistent=False)
+        # x from epsilon divides by max(alpha, alpha_floor): 0 for the teacher, STUDENT_ALPHA_FLOOR for its
+        # students (`as_student`); saved with the weights, so a student's checkpoint reads as it trained
+        self.register_buffer("alpha_floor", torch.tensor(0.0))
+
+    def as_student(self) -> None:
+        """Read the network as a student does: x_hat = (z - sigma eps_hat) / max(alpha, 0.1) for an epsilon
+        network. Equal to the teacher wherever alpha >= 0.1 (t <= 0.936); above, an error in eps_hat costs at
+        most 10 times as much in x, not 157 times (docs/pretrained.md). Called by `common.trainable_copy`."""
+        if self.prediction_type == "epsilon":
+            self.alpha_floor.fill_(STUDENT_ALPHA_FLOOR)
 
     @property
     def steps(self) -> int:
@@ -95,8 +107,8 @@ class DiscreteTimeTeacher(nn.Module):
         # alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda): the clamped level's (= ours inside the range)
         alpha, sigma = bcast(torch.sigmoid(lam).sqrt(), z_t), bcast(torch.sigmoid(-lam).sqrt(), z_t)
         out = self.net(z_t, tau).sample.float()  # (B, C, H, W), the network's prediction at step tau
-        if self.prediction_type == "epsilon":
-            return (z_t - sigma * out) / alpha  # x_hat = (z - sigma eps_hat) / alpha
+        if self.prediction_type == "epsilon":  # x_hat = (z - sigma eps_hat) / alpha; a student floors alpha
+            return (z_t - sigma * out) / alpha.clamp(min=self.alpha_floor)
         if self.prediction_type == "v_prediction":
             return alpha * z_t - sigma * out  # x_hat = alpha z - sigma v_hat
         return out  # "sample": the network predicts x itself
@@ -107,11 +119,12 @@ class DiscreteTimeTeacher(nn.Module):
         return v_from_x(z_t, self.forward(z_t, t, labels, w), t)
 
 
-def _diffusers():
+def require_diffusers():
+    """The diffusers package, or a one-line error that says how to install it."""
     try:
         import diffusers
     except ImportError:
-        raise UserError("a diffusers: teacher needs the diffusers package: `pip install diffusers`") from None
+        raise UserError("a diffusers teacher needs the diffusers package: `pip install diffusers`") from None
     return diffusers
 
 
@@ -123,7 +136,7 @@ def _folder(name: str) -> Path:
         return Path(name)
     require(re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None,
             f"--teacher diffusers:{name}: no such folder, and not a hub id (owner/name)")
-    _diffusers()
+    require_diffusers()
     import huggingface_hub  # diffusers' own dependency
     try:
         return Path(huggingface_hub.snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
@@ -147,7 +160,7 @@ def _locate(folder: Path) -> tuple[dict, dict]:
 def load_pretrained(config: dict, device, weights: bool = True) -> DiscreteTimeTeacher:
     """The wrapped diffusers model of --teacher diffusers:<name>, in eval mode (the caller freezes or copies it);
     `weights=False` builds the architecture alone, for a student's checkpoint to be loaded into."""
-    diffusers, name = _diffusers(), pretrained_name(config)
+    diffusers, name = require_diffusers(), pretrained_name(config)
     where = _folder(name)
     unet_kw, scheduler_kw = _locate(where)
     try:

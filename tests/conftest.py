@@ -88,6 +88,18 @@ def write_fake_fashion_mnist(root: Path, n: int = 200) -> None:
                 f.write(head + array.tobytes())
 
 
+def fashion_mnist_args(folder: Path) -> list[str]:
+    """Command-line arguments for Fashion-MNIST: none where Debian's package is installed, otherwise
+    `--data-dir` of generated images written into `folder`/data."""
+    from plumbing.data import DEBIAN_FASHION_MNIST
+
+    if DEBIAN_FASHION_MNIST.exists():
+        return []
+    (Path(folder) / "data").mkdir(exist_ok=True)
+    write_fake_fashion_mnist(Path(folder) / "data")
+    return ["--data-dir", str(Path(folder) / "data")]
+
+
 def numbers(obj, path="") -> list[tuple[str, float]]:
     """Every number in a JSON-like object, with where it sits."""
     if isinstance(obj, dict):

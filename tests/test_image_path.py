@@ -14,8 +14,7 @@ import evaluate
 import guided_distill
 import progressive_distill
 import train_teacher
-from conftest import assert_finite, write_fake_fashion_mnist
-from plumbing.data import DEBIAN_FASHION_MNIST
+from conftest import assert_finite, fashion_mnist_args
 
 pytest.importorskip("torchmetrics")
 pytestmark = pytest.mark.slow
@@ -29,10 +28,7 @@ TINY = ["--preset", "fmnist16", "--device", "cpu", "--channels", "16", "--ch-mul
 def run(tmp_path_factory):
     """The shared run folder with its tiny teacher, trained by the command (8 updates of batch 8)."""
     folder = tmp_path_factory.mktemp("fmnist")
-    data = [] if DEBIAN_FASHION_MNIST.exists() else ["--data-dir", str(folder / "data")]
-    if data:
-        (folder / "data").mkdir()
-        write_fake_fashion_mnist(folder / "data")
+    data = fashion_mnist_args(folder)
     args = [*TINY, *data, "--out-dir", str(folder), "--iterations", "8", "--batch-size", "8"]
     train_teacher.main([*args, "--sample-every", "4"])
     return folder, args
@@ -151,11 +147,7 @@ def test_teacher_and_a_student_at_any_image_size(tmp_path, size):
     from common import Attention
     from plumbing.networks import build_network
 
-    data = []
-    if not DEBIAN_FASHION_MNIST.exists():
-        (tmp_path / "data").mkdir()
-        write_fake_fashion_mnist(tmp_path / "data")
-        data = ["--data-dir", str(tmp_path / "data")]
+    data = fashion_mnist_args(tmp_path)
     args = [*TINY, *data, "--image-size", str(size), "--attn-res", str(size // 2), "--out-dir", str(tmp_path / "run"),
             "--iterations", "2", "--batch-size", "4", "--eval-steps", "2", "--eval-samples", "20",
             "--classifier-steps", "5"]
@@ -188,11 +180,7 @@ def test_the_gpu_check_runs_with_tiny_settings(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     import gpu_check
 
-    data = []
-    if not DEBIAN_FASHION_MNIST.exists():
-        (tmp_path / "data").mkdir()
-        write_fake_fashion_mnist(tmp_path / "data")
-        data = ["--data-dir", str(tmp_path / "data")]
+    data = fashion_mnist_args(tmp_path)
     gpu_check.main(["--tiny", "--device", "cpu", "--docs", str(tmp_path / "docs"), "--out-dir", str(tmp_path / "run"),
                     *data])
     result = assert_finite(tmp_path / "docs" / "results-gpu.json")

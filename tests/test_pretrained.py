@@ -4,6 +4,9 @@ project's DDIM through the wrapper must land where it lands, from the same noise
 evaluate.py run from the wrapped teacher on Fashion-MNIST at 16x16."""
 
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,11 +17,10 @@ import guided_distill
 import progressive_distill
 import train_teacher
 from common import ddim_sample, trainable_copy
-from conftest import assert_finite, write_fake_fashion_mnist
-from plumbing.data import DEBIAN_FASHION_MNIST
+from conftest import assert_finite, fashion_mnist_args, log_records
 from plumbing.errors import UserError
 from plumbing.networks import frozen_denoiser
-from plumbing.pretrained import load_pretrained
+from plumbing.pretrained import STUDENT_ALPHA_FLOOR, load_pretrained
 from train_teacher import TeacherConfig
 
 diffusers = pytest.importorskip("diffusers")
@@ -100,14 +102,24 @@ def test_outside_the_trained_range_the_nearest_trained_level_is_used(tiny):
         assert not torch.allclose(top, teacher(z, torch.full((3,), 0.9), None))  # inside, t still matters
 
 
-def test_a_student_starts_as_the_teacher_and_stays_finite_at_t_1(tiny):
+def test_a_student_starts_as_the_teacher_below_the_floor_and_stays_finite_at_t_1(tiny):
     folder, _ = tiny
     teacher = wrapped(folder)
-    student = trainable_copy(teacher)
+    student = trainable_copy(teacher)  # reads x = (z - sigma eps_hat) / max(alpha, 0.1)
     z, labels = torch.randn(4, 1, 16, 16), torch.tensor([0, 3, 7, 10])  # labels, the null label too, are ignored
-    times = torch.tensor([1.0, 0.999, 0.5, 0.01])
-    with torch.no_grad():  # the same function (in eval mode bit for bit; train mode takes other kernels)
-        assert torch.equal(student.eval()(z, times, labels), teacher(z, times, torch.zeros(4, dtype=torch.long)))
+    t_floor = 2 / torch.pi * torch.acos(torch.tensor(STUDENT_ALPHA_FLOOR))  # alpha_t = 0.1 at t = 0.936
+    below, above = torch.tensor([t_floor - 1e-3, 0.75, 0.5, 0.01]), torch.tensor([1.0, t_floor + 0.01])
+    with torch.no_grad():  # the same function where alpha >= 0.1 (in eval mode bit for bit)
+        assert torch.equal(student.eval()(z, below, labels), teacher(z, below, torch.zeros(4, dtype=torch.long)))
+        assert not torch.allclose(student(z[:2], above, labels[:2]), teacher(z[:2], above, labels[:2]))
+    # the amplification of an error in eps_hat at t = 1: 1 / alpha_999 = 157 for the teacher, 10 for a student
+    for model, gain in ((teacher, 157.4), (student, 10.0)):
+        x = model(z, torch.ones(4), labels)
+        bump = model.net.conv_out.bias.detach().clone()
+        model.net.conv_out.bias.data += 1e-3  # eps_hat + 1e-3 everywhere
+        x_bumped = model(z, torch.ones(4), labels)
+        model.net.conv_out.bias.data.copy_(bump)
+        assert torch.allclose((x - x_bumped) / 1e-3, torch.full_like(x, gain), rtol=2e-2), model
     student.train()
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     for _ in range(3):  # a one-step generator's update: x = student(z_1, 1), a loss on x
@@ -117,7 +129,12 @@ def test_a_student_starts_as_the_teacher_and_stays_finite_at_t_1(tiny):
         loss.backward()
         assert torch.isfinite(x).all() and all(torch.isfinite(p.grad).all() for p in student.parameters())
         opt.step()
-    assert not torch.equal(student(z, torch.ones(4), labels), teacher(z, torch.ones(4), labels))  # it learned
+    state = student.state_dict()  # a student's checkpoint reads as it trained: the floor travels with it
+    again = load_pretrained(TeacherConfig.from_preset("fmnist16", teacher=f"diffusers:{folder}", device="cpu"),
+                            "cpu", weights=False)
+    again.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(again(z, torch.ones(4), labels), student.eval()(z, torch.ones(4), labels))
     v = student.predict_v(z, torch.full((4,), 0.5), labels)  # the fake score's v-MSE reads this
     assert torch.allclose(v, (0.5 ** 0.5 * z - student(z, torch.full((4,), 0.5), labels)) / 0.5 ** 0.5, atol=1e-4)
 
@@ -146,11 +163,7 @@ def test_bad_diffusers_teachers_are_one_line(tiny, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny):
     folder = tmp_path_factory.mktemp("from_diffusers")
-    data = []
-    if not DEBIAN_FASHION_MNIST.exists():
-        (folder / "data").mkdir()
-        write_fake_fashion_mnist(folder / "data")
-        data = ["--data-dir", str(folder / "data")]
+    data = fashion_mnist_args(folder)
     args = ["--preset", "fmnist16", "--device", "cpu", "--teacher", f"diffusers:{tiny[0]}", "--out-dir", str(folder),
             "--eval-samples", "40", "--eval-share", "0", "--classifier-steps", "30", "--log-every", "2",
             "--ckpt-every", "2", "--eval-steps", "1", "4", "--no-amp", *data]
@@ -193,3 +206,23 @@ def test_what_a_diffusers_teacher_cannot_do_is_one_line(run):
         train_teacher.main(args)
     with pytest.raises(UserError, match="--real-guidance 0"):
         dmd.main([*args, "--real-guidance", "2", "--tag", "guided"])
+
+
+@pytest.mark.slow
+def test_the_ddpm_tool_trains_a_teacher_that_the_wrapper_loads(tmp_path):
+    # tools/ddpm_teacher.py: DDPM's simple loss in diffusers' format; its EMA is what save_pretrained writes.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import ddpm_teacher
+
+    data = fashion_mnist_args(tmp_path)
+    args = ["--preset", "fmnist16", "--device", "cpu", "--channels", "16", "--out-dir", str(tmp_path / "run"),
+            "--batch-size", "16", "--log-every", "10", "--warmup", "1", *data]
+    with pytest.raises(UserError, match="multiples of 8"):
+        ddpm_teacher.main([*args, "--channels", "12"])
+    ddpm_teacher.main([*args, "--iterations", "30"])
+    losses = [r["loss"] for r in log_records(tmp_path / "run" / "ddpm")]
+    assert len(losses) == 3 and losses[-1] < 0.7 * losses[0], losses  # epsilon-MSE falls from its random start
+    teacher = wrapped(tmp_path / "run" / "ddpm")
+    ema = torch.load(tmp_path / "run" / "ddpm" / "progress.pt", weights_only=True)["ema"]["model"]
+    assert all(torch.equal(ema[k], v) for k, v in teacher.net.state_dict().items())
+    assert teacher.prediction_type == "epsilon" and teacher.steps == 1000
