@@ -162,6 +162,8 @@ def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row],
                                  f"generator {k}:{fingerprint(model.state_dict())}"))
         if found:
             rows += found
+        elif method == "guided" and is_pretrained(config):
+            missing.append("guided: not possible (it needs a class-conditional teacher with a null label)")
         elif not any(m.startswith(pattern) for m in missing):
             missing.append(f"{method}: missing (make it with `{command.format(preset=config.preset)}`)")
     return rows, missing

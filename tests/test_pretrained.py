@@ -196,6 +196,7 @@ def test_pd_dmd_disback_and_evaluate_distil_a_diffusers_teacher(run, tiny):
     table = (folder / "results.md").read_text()
     for row in ("| teacher DDIM | 4 | 4 |", "| PD | 1 | 1 |", "| DMD | 1 | 1 |", "| DisBack | 1 | 1 |"):
         assert row in table, (row, table)
+    assert "guided: not possible" in table  # not "make it with" a command that refuses this teacher
 
 
 def test_what_a_diffusers_teacher_cannot_do_is_one_line(run):
