@@ -29,6 +29,7 @@ diffusers is imported only here, and only when a `diffusers:` teacher is asked f
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -128,9 +129,11 @@ def require_diffusers():
     return diffusers
 
 
+@functools.cache
 def _folder(name: str) -> Path:
     """The folder of --teacher diffusers:<name>: a local one as it is; a hub id (owner/name) downloaded once
-    into the Hugging Face cache, which later runs read without internet."""
+    into the Hugging Face cache, which later runs read without internet. Resolved once per process: every
+    student a run rebuilds (`frozen_denoiser`) would otherwise ask the hub again."""
     if Path(name).exists():
         require(Path(name).is_dir(), f"--teacher diffusers:{name} is a file; pass the folder save_pretrained wrote")
         return Path(name)

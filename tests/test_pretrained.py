@@ -160,6 +160,23 @@ def test_bad_diffusers_teachers_are_one_line(tiny, tmp_path, monkeypatch):
         wrapped(folder)
 
 
+def test_a_hub_id_is_resolved_once_per_process(tiny, monkeypatch):
+    # Every student a run rebuilds (PD's rounds, evaluate.py's rows) loads the teacher's architecture again;
+    # a hub id must not ask the hub each time.
+    import huggingface_hub
+
+    from plumbing.pretrained import _folder
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, **kw: asked.append(name) or str(tiny[0]))
+    _folder.cache_clear()
+    config = TeacherConfig.from_preset("fmnist16", teacher="diffusers:owner/tiny-ddpm", device="cpu")
+    for _ in range(3):
+        load_pretrained(config, "cpu", weights=False)
+    _folder.cache_clear()
+    assert asked == ["owner/tiny-ddpm"]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny):
     folder = tmp_path_factory.mktemp("from_diffusers")
