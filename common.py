@@ -210,6 +210,10 @@ class Denoiser(nn.Module):
         v_hat = self.predict_v(z_t, t, labels, w).float()
         return x_from_v(z_t, v_hat, t)  # x_hat = alpha_t z_t - sigma_t v_hat
 
+    def bottleneck(self, z_t, t, labels):
+        """The network's middle features: what DMD2's GAN classifier reads (dmd2.py)."""
+        return self.net.bottleneck(z_t, _as_time(t, z_t).expand(z_t.shape[0]), labels)
+
 
 @contextlib.contextmanager
 def no_grad_fp32():
@@ -323,6 +327,10 @@ class MLPDenoiserNet(nn.Module):
         emb = self.cond(t, labels, w)  # (B, emb)
         return self.body(torch.cat([z_t, emb], dim=1))  # (B, 2)
 
+    def bottleneck(self, z_t, t, labels):
+        """The last hidden layer's features (B, hidden) that DMD2's GAN classifier reads (dmd2.py)."""
+        return self.body[:-1](torch.cat([z_t, self.cond(t, labels)], dim=1))
+
 
 def group_norm(ch: int) -> nn.GroupNorm:
     """GroupNorm with min(32, ch / 4) groups (DDPM's 32 on its wide layers), which must divide the channels."""
@@ -416,6 +424,19 @@ class UNet(nn.Module):
         self.cond.enable_w_embedding()
 
     def forward(self, z_t, t, labels, w=None):
+        h, hs, emb = self.encode(z_t, t, labels, w)
+        for layer in self.up:
+            if isinstance(layer, nn.ModuleList):
+                h = torch.cat([h, hs.pop()], dim=1)  # skip connection: channels add
+                for block in layer:
+                    h = block(h, emb)
+            else:
+                h = layer(h)  # upsample: H, W double
+        return self.out(h)  # (B, in_ch, H, W)
+
+    def encode(self, z_t, t, labels, w=None):
+        """The way down and the middle: (h, the skips, the embedding). h is the bottleneck,
+        (B, channels * ch_mult[-1], H / 2^(levels - 1), W / 2^(levels - 1))."""
         if z_t.shape[-2:] != (self.resolution, self.resolution):  # attention sits at sizes counted from it
             raise ValueError(f"this UNet was built for {self.resolution}x{self.resolution} inputs, "
                              f"got {tuple(z_t.shape[-2:])} (set --image-size)")
@@ -431,14 +452,11 @@ class UNet(nn.Module):
             hs.append(h)
         for block in self.mid:
             h = block(h, emb)
-        for layer in self.up:
-            if isinstance(layer, nn.ModuleList):
-                h = torch.cat([h, hs.pop()], dim=1)  # skip connection: channels add
-                for block in layer:
-                    h = block(h, emb)
-            else:
-                h = layer(h)  # upsample: H, W double
-        return self.out(h)  # (B, in_ch, H, W)
+        return h, hs, emb
+
+    def bottleneck(self, z_t, t, labels):
+        """The middle features (B, C, h, w) that DMD2's GAN classifier reads (dmd2.py)."""
+        return self.encode(z_t, t, labels)[0]
 
 
 # ==== Alg. 1 (PD paper): the standard diffusion loss ==================================================================

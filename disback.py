@@ -23,8 +23,9 @@ Deliberate differences from the paper:
   at AdamW 1e-5: a slow rate makes the path gradual (the snapshots' loss on G_0's samples falls
   from 1.31 to 0.092 in ten even-looking steps; at 1e-4, 94% of the fall comes before the
   first snapshot, and the "path" is one jump; docs/results.md, DisBack).
-- No GAN head, no SDXL: the official release is a patch on DMD2's SDXL code whose snapshot
-  loading silently matched no keys; this follows the paper instead.
+- No SDXL: the official release is a patch on DMD2's SDXL code whose snapshot loading silently
+  matched no keys; this follows the paper instead. Its stage 2 is DMD's loop with either recipe:
+  `--recipe dmd2` gives DMD2's (no regression, TTUR, the GAN), as the official code uses.
 
     python disback.py --steps 1                  # toy: teacher if missing, record the path, backtrack
     python disback.py --steps 1 --snapshots 0 --tag nopath   # no path: plain DMD (same seed, same result)

@@ -75,7 +75,7 @@ NETWORK_KEYS = NetworkConfig.network_keys()  # what every student must share wit
 METHODS = {  # name: (folder glob, the command that makes it)
     "PD": ("pd", "python progressive_distill.py --preset {preset}"),
     "guided": ("guided", "python guided_distill.py --preset {preset}"),
-    "DMD": ("dmd_*step*", "python dmd.py --preset {preset} --steps 1"),
+    "DMD": ("dmd*_*step*", "python dmd.py --preset {preset} --steps 1"),
     "DisBack": ("disback_*step*", "python disback.py --preset {preset} --steps 1"),
 }
 
@@ -156,7 +156,9 @@ def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row],
                                  device)
                 k, tag = state["config"]["steps"], state["config"].get("tag")
                 fn = generator_sampler(model)
-                name = f"{method}{f' ({tag})' if tag else ''}"
+                recipe = state["config"].get("recipe", "dmd")  # DMD2's recipe names the row: DMD2, DisBack (DMD2)
+                name = ("DMD2" if method == "DMD" and recipe == "dmd2" else
+                        f"{method} (DMD2)" if recipe == "dmd2" else method) + (f" ({tag})" if tag else "")
                 unfinished = state["step"] < state["config"]["dmd_iterations"]
                 found.append(Row(name + (f" [update {state['step']}]" if unfinished else ""), k, k, fn, str(path),
                                  f"generator {k}:{fingerprint(model.state_dict())}"))

@@ -55,9 +55,10 @@ TOPICS = {
     "guided": ("guided distillation's stage-one target and the stochastic sampler's re-noising step "
                "(Meng et al.; docs/methods.md section 2)",
                [("guided_distill", "guided_target"), ("guided_distill", "renoise")]),
-    "dmd": ("DMD's distribution-matching gradient, the fake score's loss and the K-step generator "
-            "(Yin et al., DMD2; docs/methods.md section 3)",
-            [("dmd", "dmd_generator_loss"), ("dmd", "fake_score_loss"), ("dmd", "generate")]),
+    "dmd": ("DMD's distribution-matching gradient, the fake score's loss, the K-step generator and DMD2's two GAN "
+            "losses (Yin et al., DMD2; docs/methods.md section 3)",
+            [("dmd", "dmd_generator_loss"), ("dmd", "fake_score_loss"), ("dmd", "generate"),
+             ("dmd2", "gan_classifier_loss"), ("dmd2", "gan_generator_loss")]),
     "disback": ("DisBack's backtracking schedule of real scores (Zhang et al.; docs/methods.md section 4)",
                 [("disback", "snapshot_index")]),
 }

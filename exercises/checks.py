@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from exercises.closed_forms import (MIX, WIDE, Generator, LinearScore, Teacher, TinyScore, WrongCall, by_hand_cfg,
-                                    by_hand_ddim_step, by_hand_diffuse, by_hand_invert_ddim, by_hand_renoise,
-                                    coefficients, dmd_expected, schedule, snr, two_teacher_steps)
+                                    by_hand_ddim_step, by_hand_diffuse, by_hand_gan_losses, by_hand_invert_ddim,
+                                    by_hand_renoise, coefficients, dmd_expected, schedule, snr, two_teacher_steps)
 
 HERE = Path(__file__).resolve().parent
 CHECKER_FILES = ("check.py", "checks.py", "closed_forms.py")  # the checker itself: an error in them is never yours
@@ -697,6 +697,63 @@ def _(f):
         raise Fail(f"first = 2 of K = 4: expected t = 0.5 after 2 calls, got t = {t_2} after "
                    f"{len(generator.calls)} calls")
     return standard_normal(recovered_noise(generator, 1, z_2, 0.5), "eps_1")
+
+
+# ----------------------------------------------------------------------------------------
+# DMD2's GAN losses
+# ----------------------------------------------------------------------------------------
+
+
+def moderate_logits(seed: int, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits in [-6, 6], where the by-hand log-sigmoid is exact in float64 (real ones mostly positive)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, generator=g) * 8 - 2), (torch.rand(n, generator=g) * 8 - 6)
+
+
+@check("gan_classifier_loss", "-mean log D(real) - mean log(1 - D(fake)), D = sigmoid(logit): both terms averaged "
+       "over the batch, no weight, no factor 1/2")
+def _(f):
+    real, fake = moderate_logits(90)
+    return close(by_hand_gan_losses(real, fake)[0], scalar_loss(call(f, real, fake)), "the loss", 1e-6, 1e-5)
+
+
+@check("gan_classifier_loss", "which side is which: about 0 for a classifier that is right (real +20, fake -20), "
+       "about 40 when it is fooled (real -20, fake +20)")
+def _(f):
+    sure = torch.full((16,), 20.0)
+    right, fooled = scalar_loss(call(f, sure, -sure)).item(), scalar_loss(call(f, -sure, sure)).item()
+    if not (right < 1e-6 and abs(fooled - 40.0) < 1e-3):
+        raise Fail(f"right: {right:.4g} (expected ~0), fooled: {fooled:.4g} (expected ~40): real logits should be "
+                   "pushed up, fake ones down")
+    return f"right {right:.2g}, fooled {fooled:.4g}"
+
+
+@check("gan_classifier_loss", "finite and right at logits of +-100 (log(sigmoid) in one piece: softplus)")
+def _(f):
+    far = torch.tensor([100.0, -100.0])
+    return close(torch.tensor(100.0, dtype=torch.float64), scalar_loss(call(f, -far.flip(0), far)),
+                 "the loss at logits real (-100, 100), fake (100, -100) (expected 50 + 50)", 1e-3)
+
+
+@check("gan_generator_loss", "non-saturating: -mean log D(fake) = mean softplus(-logit), not mean log(1 - D(fake))")
+def _(f):
+    _, fake = moderate_logits(91)
+    return close(by_hand_gan_losses(fake, fake)[1], scalar_loss(call(f, fake)), "the loss", 1e-6, 1e-5)
+
+
+@check("gan_generator_loss", "where the classifier is sure a sample is fake (logit -10) the gradient is about -1/B "
+       "per sample, raising the logit (the saturating form gives about -5e-5/B)")
+def _(f):
+    logits = torch.tensor([-10.0, -10.0, 0.0, 3.0], requires_grad=True)
+    grad = gradient(call(f, logits), logits)
+    expected = -torch.sigmoid(-logits.detach().double()) / 4
+    return close(expected, grad, "d loss / d logit", 1e-6, 1e-4)
+
+
+@check("gan_generator_loss", "finite at a logit of -100 (softplus, not log(sigmoid))")
+def _(f):
+    return close(torch.tensor(100.0, dtype=torch.float64), scalar_loss(call(f, torch.tensor([-100.0]))),
+                 "the loss at logit -100", 1e-3)
 
 
 # ----------------------------------------------------------------------------------------

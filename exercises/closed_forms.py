@@ -156,6 +156,13 @@ def dmd_expected(x, t, eps, real, fake, labels):
     return (mu_fake - mu_real) / rows(normaliser, x)
 
 
+def by_hand_gan_losses(logits_real, logits_fake):
+    """DMD2's non-saturating GAN losses in float64, from D = sigmoid(logit) itself:
+    classifier -mean log D(real) - mean log(1 - D(fake)), generator -mean log D(fake)."""
+    d_real, d_fake = torch.sigmoid(logits_real.double()), torch.sigmoid(logits_fake.double())
+    return -(d_real.log().mean() + (1 - d_fake).log().mean()), -d_fake.log().mean()
+
+
 # ----------------------------------------------------------------------------------------
 # Stand-ins handed to the student's functions; each records how it is called
 # ----------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 from exercises.check import TOPICS  # noqa: E402
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
-REFERENCE_MODULES = ("common", "dmd", "guided_distill", "progressive_distill", "disback")
+REFERENCE_MODULES = ("common", "dmd", "dmd2", "guided_distill", "progressive_distill", "disback")
 EXERCISES = {name: (module, topic) for topic, (_, functions) in TOPICS.items() for module, name in functions}
 CHECKER = ("check.py", "checks.py", "closed_forms.py")  # the checker's files, copied into the handout as they are
 FINGERPRINT = re.compile(r"fingerprint ([0-9a-f]{12})")
@@ -72,6 +72,10 @@ HINTS = {
     "generate": ["times = generator_times(steps); predict x at each t_k (t as a (B,) tensor); re-noise it with",
                  "diffuse to the next time with fresh noise (torch.randn_like) at every step; with first=k",
                  "return (z, t_k) before step k."],
+    "gan_classifier_loss": ["Logits (B,) of D = sigmoid(logit). -log sigmoid(l) = softplus(-l) and",
+                            "-log(1 - sigmoid(l)) = softplus(l) stay finite where the logs would not."],
+    "gan_generator_loss": ["The generator raises D(fake): -log D, not log(1 - D), whose gradient vanishes where",
+                           "D is sure (F.softplus)."],
     "snapshot_index": ["N - 1 for the first `interval` updates, then one less every `interval`, never below 0."],
 }
 

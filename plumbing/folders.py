@@ -5,8 +5,9 @@ script's results (DisBack's comparison with DMD, the teacher's metrics beside a 
     <out_dir>/teacher_<name>/          a diffusers teacher   teacher_dir (its caches: DMD's pairs, speeds)
     <out_dir>/pd/                      progressive_distill.py pd_dir
     <out_dir>/guided[_single_w<w>]/    guided_distill.py     guided_dir
-    <out_dir>/dmd_<K>step[_<tag>]/     dmd.py                dmd_dir
-    <out_dir>/disback_<K>step[_<tag>]/ disback.py            disback_dir
+    <out_dir>/dmd_<K>step[_<tag>]/     dmd.py --recipe dmd   dmd_dir
+    <out_dir>/dmd2_<K>step[_<tag>]/    dmd.py --recipe dmd2  dmd_dir
+    <out_dir>/disback[_dmd2]_<K>step[_<tag>]/ disback.py     disback_dir
 
 <out_dir> is runs/<preset> unless --out-dir says otherwise (plumbing/config.py).
 """
@@ -36,11 +37,12 @@ def guided_dir(config: dict) -> Path:
 
 
 def dmd_dir(config: dict) -> Path:
-    return Path(config["out_dir"]) / (f"dmd_{config['steps']}step" + tagged(config))
+    return Path(config["out_dir"]) / (f"{config['recipe']}_{config['steps']}step" + tagged(config))
 
 
 def disback_dir(config: dict) -> Path:
-    return Path(config["out_dir"]) / (f"disback_{config['steps']}step" + tagged(config))
+    recipe = "_dmd2" if config["recipe"] == "dmd2" else ""
+    return Path(config["out_dir"]) / (f"disback{recipe}_{config['steps']}step" + tagged(config))
 
 
 def tagged(config: dict) -> str:

@@ -114,6 +114,17 @@ class DiscreteTimeTeacher(nn.Module):
             return alpha * z_t - sigma * out  # x_hat = alpha z - sigma v_hat
         return out  # "sample": the network predicts x itself
 
+    def bottleneck(self, z_t, t, labels=None):
+        """The UNet2DModel's middle features (its `mid_block`'s output), what DMD2's GAN classifier reads:
+        caught by a forward hook while the whole network runs."""
+        caught = []
+        hook = self.net.mid_block.register_forward_hook(lambda module, args, out: caught.append(out))
+        try:
+            self.forward(z_t, t, labels)
+        finally:
+            hook.remove()
+        return caught[0]
+
     def predict_v(self, z_t, t, labels=None, w=None):
         """v_hat for Alg. 1's v-MSE (DMD's fake score): from x_hat at the true t (t > 0)."""
         t = torch.as_tensor(t, dtype=torch.float32, device=z_t.device).expand(z_t.shape[0])

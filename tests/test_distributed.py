@@ -87,17 +87,20 @@ def test_a_batch_that_does_not_split_gives_one_line(tmp_path):
     assert result.returncode != 0 and "error: a batch of 5 does not split over 2 processes" in result.stderr
 
 
-@pytest.mark.parametrize("script", ["dmd.py", "disback.py"])
-def test_dmd_and_disback_under_two_processes(teachers, tmp_path, script):
+@pytest.mark.parametrize("script,recipe", [("dmd.py", "dmd"), ("disback.py", "dmd"), ("dmd.py", "dmd2")])
+def test_dmd_and_disback_under_two_processes(teachers, tmp_path, script, recipe):
     import shutil
 
     one, _ = teachers
     shutil.copytree(one, tmp_path, dirs_exist_ok=True)
     path = ["--snapshots", "2", "--record-iterations", "4", "--interval", "4"] if script == "disback.py" else []
     run(script, [*TOY, "--out-dir", str(tmp_path), "--iterations", "100", "--dmd-iterations", "8", "--eval-every", "4",
-                 "--fake-updates", "1", "--reg-pairs", "64", "--reg-steps", "4", *path], processes=2)
-    folder = tmp_path / ("disback_1step" if script == "disback.py" else "dmd_1step")
+                 "--recipe", recipe, "--fake-updates", "1", "--reg-pairs", "64", "--reg-steps", "4", *path],
+        processes=2)
+    folder = tmp_path / ("disback_1step" if script == "disback.py" else f"{recipe}_1step")
     metrics = json.loads((folder / "metrics.json").read_text())
+    if recipe == "dmd2":  # the GAN's classifier and real data under two processes
+        assert {"loss_gan", "loss_cls"} <= set(json.loads((folder / "log.jsonl").read_text().splitlines()[-1]))
     assert [h["step"] for h in metrics["history"]] == [0, 4, 8] and math.isfinite(metrics["final"]["mmd"])
     steps = [json.loads(line)["step"] for line in (folder / "log.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # rank 0 alone writes the log

@@ -50,7 +50,7 @@ def test_the_stubs_fail_every_check_with_their_message():
         assert entry["checks"] == len(checks.CHECKS[name]) >= 3 and entry["score"] == 0
         assert all(r.status == "stub" and r.detail.startswith(f"not implemented yet: write {name} ")
                    for r in entry["results"]), entry
-    assert check.summary(report)["out_of"] == 12
+    assert check.summary(report)["out_of"] == 14
 
 
 def test_json_and_exit_code(capsys):
@@ -74,6 +74,7 @@ import math
 import torch
 import common
 import dmd
+import torch.nn.functional as F
 from common import _as_time, _coeffs, bcast, diffuse, diffusion_loss, logsnr, no_grad_fp32, guided
 from dmd import DM_T_MIN, DM_T_MAX, NORMALISER_EPS, generator_times
 """
@@ -367,6 +368,28 @@ CRASHES = {"floats_only", "float_times_only", "w_not_broadcast", "w_as_a_column"
            "cheat_always_raises"}
 
 # Correct answers written another way: each must pass every check.
+WRONG["gan_classifier_loss"] = {
+    "swapped_sides": (1, "def gan_classifier_loss(logits_real, logits_fake):\n"
+                         " return F.softplus(logits_real).mean() + F.softplus(-logits_fake).mean()"),
+    "half": (0, "def gan_classifier_loss(logits_real, logits_fake):\n"
+                " return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())"),
+    "weight_inside": (0, "def gan_classifier_loss(logits_real, logits_fake):\n"
+                         " return 1e-2 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())"),
+    "sum_not_mean": (0, "def gan_classifier_loss(logits_real, logits_fake):\n"
+                        " return F.softplus(-logits_real).sum() + F.softplus(logits_fake).sum()"),
+    "log_of_sigmoid": (2, "def gan_classifier_loss(logits_real, logits_fake):\n"
+                          " return -(torch.sigmoid(logits_real).log().mean()"
+                          " + (1 - torch.sigmoid(logits_fake)).log().mean())"),
+    "cheat_zero": (0, "def gan_classifier_loss(logits_real, logits_fake):\n return (logits_real * 0).sum()"),
+}
+WRONG["gan_generator_loss"] = {
+    "saturating": (0, "def gan_generator_loss(logits_fake):\n return -F.softplus(logits_fake).mean()"),
+    "wrong_sign": (0, "def gan_generator_loss(logits_fake):\n return F.softplus(logits_fake).mean()"),
+    "weight_inside": (0, "def gan_generator_loss(logits_fake):\n return 3e-3 * F.softplus(-logits_fake).mean()"),
+    "log_of_sigmoid": (2, "def gan_generator_loss(logits_fake):\n return -torch.sigmoid(logits_fake).log().mean()"),
+    "cheat_raw_logit": (0, "def gan_generator_loss(logits_fake):\n return -logits_fake.mean()"),
+}
+
 RIGHT = {
     "dmd_generator_loss": {"normaliser_plus_eps": dmd_variant(
         NORMALISER="lambda x, r, f: (x - r).abs().flatten(1).mean(1).reshape(-1, *[1] * (x.dim() - 1))"
@@ -380,6 +403,12 @@ def cfg(x_cond, x_uncond, w):
 def invert_ddim(z_t, z_s, t, s):
     (alpha_t, sigma_t), (alpha_s, sigma_s) = _coeffs(t, z_t), _coeffs(s, z_t)
     return (sigma_t * z_s - sigma_s * z_t) / (alpha_s * sigma_t - sigma_s * alpha_t)"""},
+    "gan_classifier_loss": {"bce": "def gan_classifier_loss(logits_real, logits_fake):\n"
+                                   " bce = torch.nn.functional.binary_cross_entropy_with_logits\n"
+                                   " return bce(logits_real, torch.ones_like(logits_real))"
+                                   " + bce(logits_fake, torch.zeros_like(logits_fake))"},
+    "gan_generator_loss": {"logsigmoid": "def gan_generator_loss(logits_fake):\n"
+                                         " return -torch.nn.functional.logsigmoid(logits_fake).mean()"},
     "snapshot_index": {"by_hand": "def snapshot_index(step, n_snapshots, interval):\n"
                                   " j = n_snapshots - 1 - step // interval\n return j if j > 0 else 0"},
 }
@@ -499,7 +528,7 @@ def test_the_handout_holds_no_answers_and_grades_without_the_reference(tmp_path)
     (rc_stubs, stub_out, stub_err), (rc_answers, answer_out, answer_err) = map(json.loads, out.stdout.splitlines())
     assert rc_stubs == 1 and "Traceback" not in stub_err, stub_err
     graded = json.loads(stub_out)
-    assert graded["score"] == 0 and graded["out_of"] == 12 and graded["checker_errors"] == 0
+    assert graded["score"] == 0 and graded["out_of"] == 14 and graded["checker_errors"] == 0
     assert rc_answers == 0, answer_out + answer_err
     assert json.loads(answer_out)["checks_passed"] == json.loads(answer_out)["checks"] == graded["checks"]
 

@@ -82,7 +82,7 @@ def test_dmd_and_disback_record_fd_while_training(run, script):
     script.main([*args, "--steps", "1", "--dmd-iterations", "4", "--eval-every", "2", "--dmd-batch-size", "4",
                  "--fake-updates", "1", "--reg-loss", "pseudo-huber", "--reg-pairs", "8", "--reg-steps", "2",
                  *extra])
-    out = folder / ("disback_1step" if script is disback else "dmd_1step")
+    out = folder / ("disback_dmd2_1step" if script is disback else "dmd2_1step")  # fmnist16's default: DMD2
     metrics = assert_finite(out / "metrics.json")
     assert [h["step"] for h in metrics["history"]] == [0, 2, 4]
     assert all("fd_classifier" in h for h in metrics["history"])
@@ -95,10 +95,11 @@ def test_evaluate_tables_every_student(run):
     folder, args = run
     evaluate.main([*args, "--num-samples", "40", "--speed-batch", "4", "--teacher-steps", "1", "4"])
     table = (folder / "results.md").read_text()
-    assert "| teacher DDIM | 4 | 4 |" in table and "| PD | 1 | 1 |" in table and "| DMD | 1 | 1 |" in table
+    assert "| teacher DDIM | 4 | 4 |" in table and "| PD | 1 | 1 |" in table and "| DMD2 | 1 | 1 |" in table
+    assert "| DisBack (DMD2) | 1 | 1 |" in table
     rows = [line.split("|")[4:8] for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     cells = [cell.strip().rstrip("%") for row in rows for cell in row if cell.strip()]
-    # teacher 1 and 4, PD 2 and 1, guided 2 and 1, DMD 1, DisBack 1
+    # teacher 1 and 4, PD 2 and 1, guided 2 and 1, DMD2 1, DisBack (DMD2) 1
     assert len(rows) == 8 and all(math.isfinite(float(cell)) for cell in cells)
     assert (folder / "quality_vs_steps.png").is_file() and (folder / "side_by_side.png").is_file()
 

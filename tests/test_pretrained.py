@@ -194,14 +194,17 @@ def test_pd_dmd_disback_and_evaluate_distil_a_diffusers_teacher(run, tiny):
                               "--pd-batch-size", "4"])
     dmd_args = ["--steps", "1", "--dmd-iterations", "2", "--eval-every", "2", "--dmd-batch-size", "4",
                 "--fake-updates", "1", "--reg-loss", "mse", "--reg-pairs", "8", "--reg-steps", "2"]
-    dmd.main([*args, *dmd_args])
-    disback.main([*args, *dmd_args, "--snapshots", "2", "--record-iterations", "2", "--interval", "1"])
+    dmd.main([*args, *dmd_args, "--recipe", "dmd"])
+    dmd.main([*args, *dmd_args, "--recipe", "dmd2"])  # the GAN on the UNet2DModel's mid block, real data
+    disback.main([*args, *dmd_args, "--recipe", "dmd", "--snapshots", "2", "--record-iterations", "2",
+                  "--interval", "1"])
     assert not (folder / "teacher.pt").exists()  # nothing trained a teacher
     pd = assert_finite(folder / "pd" / "metrics.json")
     assert set(pd["students"]) == {"2", "1"} and all("fd_classifier" in s for s in pd["students"].values())
-    for name in ("dmd_1step", "disback_1step"):
+    for name in ("dmd_1step", "dmd2_1step", "disback_1step"):
         metrics = assert_finite(folder / name / "metrics.json")
         assert [h["step"] for h in metrics["history"]] == [0, 2] and metrics["teacher"]
+    assert {"loss_gan", "loss_cls"} <= set(log_records(folder / "dmd2_1step")[-1])
     # a student's checkpoint comes back as the teacher's wrapper with the student's weights
     state = torch.load(folder / "pd" / "student_1.pt", weights_only=True)
     student = frozen_denoiser(state["config"], state["model"], "cpu")
@@ -211,7 +214,8 @@ def test_pd_dmd_disback_and_evaluate_distil_a_diffusers_teacher(run, tiny):
     assert torch.isfinite(ddim_sample(student, z, 1, torch.zeros(2, dtype=torch.long))).all()
     evaluate.main([*args, "--num-samples", "40", "--speed-batch", "4", "--teacher-steps", "1", "4"])
     table = (folder / "results.md").read_text()
-    for row in ("| teacher DDIM | 4 | 4 |", "| PD | 1 | 1 |", "| DMD | 1 | 1 |", "| DisBack | 1 | 1 |"):
+    for row in ("| teacher DDIM | 4 | 4 |", "| PD | 1 | 1 |", "| DMD | 1 | 1 |", "| DMD2 | 1 | 1 |",
+                "| DisBack | 1 | 1 |"):
         assert row in table, (row, table)
     assert "guided: not possible" in table  # not "make it with" a command that refuses this teacher
 
