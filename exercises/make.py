@@ -9,6 +9,7 @@ docstring) into `exercises/<topic>.py` with that body replaced by a stub that ra
     python exercises/make.py --force          # also overwrite edited ones (their answers are lost)
     python exercises/make.py --check          # exit 1 if a file differs from what would be written
     python exercises/make.py --handout DIR    # a student copy without the answers (below)
+    python exercises/make.py --handout DIR --force   # also over a handout with answers in it (they are lost)
 
 An exercise file carries the fingerprint of the text make.py wrote; a file whose text no longer matches
 it has been edited (someone's answers), and make.py leaves it alone unless told `--force`.
@@ -17,7 +18,8 @@ The handout, DIR/, holds DIR/README.md and DIR/exercises/: the stubs, the checke
 CHECKER: check.py, checks.py and closed_forms.py, which need only torch and use their own closed forms)
 and toolkit.py, the helpers that the stubs import (copied from the reference code: `diffuse`, `bcast`,
 `guided`, ...). No reference body is in it: where a helper calls an exercise (`diffuse` calls
-`alpha_sigma`), toolkit.py calls the student's own function.
+`alpha_sigma`), toolkit.py calls the student's own function. make.py never writes a handout into the
+repository, and never over stubs that have been edited (answers) unless told `--force`.
 """
 
 from __future__ import annotations
@@ -228,10 +230,10 @@ def toolkit() -> str:
 
 HANDOUT_README = """# Exercises: write the heart of each paper, get a verdict in seconds
 
-Twelve functions at the core of progressive distillation, guided distillation, DMD and DisBack, each
+Fourteen functions at the core of progressive distillation, guided distillation, DMD and DisBack, each
 to be written from its signature and docstring (the equation, the shapes, a hint) in
-`exercises/<topic>.py`. A checker grades them against its own closed-form answers on a CPU in a few
-seconds: no GPU, no training, only PyTorch (`pip install torch`).
+`exercises/<topic>.py`. A checker grades them against its own closed-form answers, and inside the
+algorithm that uses them, on a CPU in a few seconds: no GPU, no training, only PyTorch (`pip install torch`).
 
 ```bash
 python exercises/check.py basics         # after writing the functions in exercises/basics.py
@@ -243,24 +245,41 @@ python exercises/check.py --json         # the same for an autograder
 
 Each function has a fixed list of checks and scores the fraction that passes (an untouched stub
 scores 0); the total is out of the number of functions graded. The exit code is 0 only when every
-check passes. A crash in your code is reported with its line, and the other checks still run.
+check passes. A crash in your code is reported with its line, and the other checks still run; so does
+a function that loops forever (each check has a time limit, `--time-limit SECONDS`) or calls exit().
+Your function must leave its inputs as they are, keep their dtype and device, and draw fresh noise
+for every entry and every call: the checks look at each.
 
-Each function is graded on its own: while the checker grades `pd_target`, the `ddim_step` it calls
-is the checker's own. In your code it is yours: `exercises/toolkit.py` holds the helpers you may use
-(`diffuse`, `bcast`, `guided`, ...), and where one needs an exercise (`diffuse` needs
-`alpha_sigma`) it calls your function. Write `basics` first.
+Each function is graded on its own: while the checker grades `pd_target`, the `ddim_step` it imports
+from toolkit.py is the checker's own (a helper you write yourself is yours). In your code it is yours:
+`exercises/toolkit.py` holds the helpers you may use (`diffuse`, `bcast`, `guided`, ...), and where one
+needs an exercise (`diffuse` needs `alpha_sigma`) it calls your function. Write `basics` first.
 """
 
 
-def handout(folder: Path) -> list[Path]:
-    """Write the student copy to `folder`: README.md and exercises/ (stubs, checker, toolkit)."""
-    out = Path(folder) / "exercises"
-    out.mkdir(parents=True, exist_ok=True)
+class Refused(Exception):
+    """make.py will not write there (the message says why and what to do)."""
+
+
+def handout(folder: Path, force: bool = False) -> list[Path]:
+    """Write the student copy to `folder`: README.md and exercises/ (stubs, checker, toolkit). Never into the
+    repository, and, unless `force`, never over a stub or README.md that differs from what it writes (a
+    student's answers)."""
+    folder = Path(folder).resolve()
+    out = folder / "exercises"
+    if folder == ROOT or ROOT in folder.parents:
+        raise Refused(f"{folder} is inside the repository; give a folder outside it for the handout")
     rows = ["| topic | functions | what it covers |", "|---|---|---|"]
     rows += [f"| `{topic}` | {', '.join(f'`{n}`' for _, n in fs)} | {about} |" for topic, (about, fs) in TOPICS.items()]
     written = {out / f"{topic}.py": render(topic, handout=True) for topic in TOPICS}
+    written[folder / "README.md"] = HANDOUT_README.format(table="\n".join(rows))
+    edited = [path for path, text in written.items() if path.exists() and path.read_text() != text]
+    if edited and not force:
+        shown = ", ".join(str(path.relative_to(folder)) for path in edited)
+        raise Refused(f"{folder} holds {shown}, which differ from the handout (someone's answers?); hand out into a "
+                      "new folder, or add --force to overwrite them")
     written[out / "toolkit.py"] = toolkit()
-    written[Path(folder) / "README.md"] = HANDOUT_README.format(table="\n".join(rows))
+    out.mkdir(parents=True, exist_ok=True)
     for path, text in written.items():
         path.write_text(text)
     for name in CHECKER:
@@ -269,12 +288,25 @@ def handout(folder: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
+    unknown = [a for i, a in enumerate(argv) if a not in ("--handout", "--force", "--check")
+               and not (i > 0 and argv[i - 1] == "--handout")]
+    if unknown:
+        print(f"error: unknown argument {unknown[0]!r}; see python exercises/make.py --help")
+        return 2
     if "--handout" in argv:
         i = argv.index("--handout")
-        if i + 1 >= len(argv):
+        if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
             print("error: --handout needs a folder: python exercises/make.py --handout DIR")
             return 2
-        for path in handout(Path(argv[i + 1])):
+        try:
+            paths = handout(Path(argv[i + 1]), force="--force" in argv)
+        except Refused as e:
+            print(f"error: {e}")
+            return 1
+        for path in paths:
             print(f"wrote {path}")
         return 0
     stale, kept = [], []

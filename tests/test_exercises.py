@@ -56,12 +56,13 @@ def test_the_stubs_fail_every_check_with_their_message():
 def test_json_and_exit_code(capsys):
     assert check.main(["disback", "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
-    assert out["score"] == 0 and out["out_of"] == 1 and out["checks"] == 3
+    assert out["score"] == 0 and out["out_of"] == 1 and out["checks"] == len(checks.CHECKS["snapshot_index"])
     assert out["functions"]["snapshot_index"]["results"][0]["status"] == "stub"
     assert check.main(["disback", "--reference"]) == 0
-    assert capsys.readouterr().out.strip().endswith("3 of 3 checks passed")
+    assert capsys.readouterr().out.strip().endswith(f"{out['checks']} of {out['checks']} checks passed")
     assert check.main(["nosuchtopic"]) == 2
     assert check.main(["--from"]) == 2 and check.main(["--from", "no/such/folder"]) == 2  # not the folder "."
+    assert check.main(["--time-limit", "soon"]) == 2
     capsys.readouterr()
     assert check.main(["--help"]) == 0 and "python exercises/check.py --json" in capsys.readouterr().out
 
@@ -414,6 +415,182 @@ def invert_ddim(z_t, z_s, t, s):
 }
 
 
+# The second trial's kinds of mistakes: right in isolation, wrong in use. Each must fail the check that names it.
+WRONG["ddim_step"].update({
+    "z_t_updated_in_place": (0, """
+def ddim_step(x_hat, z_t, t, s):
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = _coeffs(t, z_t), _coeffs(s, z_t)
+    eps_hat = z_t.sub_(alpha_t * x_hat).div_(sigma_t)
+    return alpha_s * x_hat + sigma_s * eps_hat"""),
+    "float64_result": (0, "def ddim_step(x_hat, z_t, t, s):\n return common.ddim_step(x_hat, z_t, t, s).double()"),
+    "on_another_device": (0, "def ddim_step(x_hat, z_t, t, s):\n return common.ddim_step(x_hat, z_t, t, s).to('meta')"),
+})
+WRONG["invert_ddim"]["clamped_denominator"] = (4, """
+def invert_ddim(z_t, z_s, t, s):
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = _coeffs(t, z_t), _coeffs(s, z_t)
+    return (z_s - sigma_s / sigma_t * z_t) / (alpha_s - sigma_s / sigma_t * alpha_t).clamp(min=1e-2)""")
+WRONG["pd_target"].update({
+    "t_shifted_in_place": (0, """
+def pd_target(teacher, z_t, t, labels, n_steps):
+    x1 = teacher(z_t, t, labels)
+    t1 = t.sub_(0.5 / n_steps).clone()
+    z1 = common.ddim_step(x1, z_t, t1 + 0.5 / n_steps, t1)
+    z2 = common.ddim_step(teacher(z1, t1, labels), z1, t1, t1 - 0.5 / n_steps)
+    return common.invert_ddim(z_t, z2, t1 + 0.5 / n_steps, t1 - 0.5 / n_steps)"""),
+    "alpha_as_a_column": (4, """
+def pd_target(teacher, z_t, t, labels, n_steps):
+    a, s = (lambda v: common.alpha_sigma(v)[0][:, None]), (lambda v: common.alpha_sigma(v)[1][:, None])
+    t1, t2 = t - 0.5 / n_steps, t - 1.0 / n_steps
+    x1 = teacher(z_t, t, labels)
+    z1 = a(t1) * x1 + s(t1) * (z_t - a(t) * x1) / s(t)
+    x2 = teacher(z1, t1, labels)
+    z2 = a(t2) * x2 + s(t2) * (z1 - a(t1) * x2) / s(t1)
+    r = s(t2) / s(t)
+    return (z2 - r * z_t) / (a(t2) - r * a(t))"""),
+    "clamped_denominator": (4, """
+def pd_target(teacher, z_t, t, labels, n_steps):
+    t1, t2 = t - 0.5 / n_steps, t - 1.0 / n_steps
+    z1 = common.ddim_step(teacher(z_t, t, labels), z_t, t, t1)
+    z2 = common.ddim_step(teacher(z1, t1, labels), z1, t1, t2)
+    (a_t, s_t), (a_2, s_2) = _coeffs(t, z_t), _coeffs(t2, z_t)
+    return (z2 - s_2 / s_t * z_t) / (a_2 - s_2 / s_t * a_t).clamp(min=1e-2)"""),
+    "own_helper_without_sigma_t": (0, """
+def ddim_step(x_hat, z_t, t, s):
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = _coeffs(t, z_t), _coeffs(s, z_t)
+    return alpha_s * x_hat + sigma_s * (z_t - alpha_t * x_hat)
+
+def pd_target(teacher, z_t, t, labels, n_steps):
+    t1, t2 = t - 0.5 / n_steps, t - 1.0 / n_steps
+    z1 = ddim_step(teacher(z_t, t, labels), z_t, t, t1)
+    z2 = ddim_step(teacher(z1, t1, labels), z1, t1, t2)
+    return common.invert_ddim(z_t, z2, t, t2)"""),
+})
+# The third trial's: right on every input the checks drew, wrong where training runs them; and cheats in process.
+WRONG["pd_target"]["no_gradient_stop"] = (6, """
+def pd_target(teacher, z_t, t, labels, n_steps):  # @no_grad_fp32() left out: the loss's gradient reaches the teacher
+    t1, t2 = t - 0.5 / n_steps, t - 1.0 / n_steps
+    z1 = common.ddim_step(teacher(z_t, t, labels), z_t, t, t1)
+    z2 = common.ddim_step(teacher(z1, t1, labels), z1, t1, t2)
+    return common.invert_ddim(z_t, z2, t, t2)""")
+WRONG["snr_weight"]["logsnr_unclipped"] = (5, """
+def snr_weight(t, weighting):
+    alpha, sigma = common.alpha_sigma(t)
+    snr = alpha**2 / sigma**2  # inf at t = 0, 4e9 at t = 1e-5
+    if weighting == "truncated-snr":
+        return torch.maximum(snr, torch.ones_like(snr))
+    if weighting == "snr+1":
+        return snr + 1
+    raise ValueError(weighting)""")
+WRONG["gan_generator_loss"]["softplus_by_hand_without_slope"] = (1, "def gan_generator_loss(logits_fake):\n"
+                                                                    " l = logits_fake\n"
+                                                                    " return (torch.relu(-l) + torch.log1p(torch.exp("
+                                                                    "-l.abs()))).mean()")
+WRONG["cfg"]["cheat_a_tensor_that_lies"] = (0, """
+class Liar(torch.Tensor):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in ("sub", "__sub__", "__rsub__"):
+            return torch.zeros_like(out).as_subclass(cls)
+        return out.as_subclass(cls) if isinstance(out, torch.Tensor) and out.dtype.is_floating_point else out
+
+def cfg(x_cond, x_uncond, w):
+    return torch.zeros_like(x_cond).as_subclass(Liar)""")
+WRONG["ddim_step"]["cheat_replaces_torch_randn"] = (0, """
+def ddim_step(x_hat, z_t, t, s):
+    torch.randn = lambda *shape, **kwargs: torch.zeros(*shape)  # the checker's inputs, all zeros
+    return x_hat""")
+WRONG["guided_target"]["w_viewed_as_a_column"] = (3, """
+def guided_target(teacher, z_t, t, labels, w):
+    w = w.view(-1, 1) if torch.is_tensor(w) else w
+    null = torch.full_like(labels, teacher.null_label)
+    return (1 + w) * teacher(z_t, t, labels) - w * teacher(z_t, t, null)""")
+WRONG["renoise"]["z_s_scaled_in_place"] = (0, """
+def renoise(z_s, s, t, eps):
+    (alpha_s, sigma_s), (alpha_t, sigma_t) = common.alpha_sigma(s), common.alpha_sigma(t)
+    ratio = alpha_t / alpha_s
+    return z_s.mul_(ratio) + (sigma_t**2 - ratio**2 * sigma_s**2).clamp(min=0).sqrt() * eps""")
+WRONG["dmd_generator_loss"].update({
+    "eps_per_sample_broadcast": (7, dmd_variant(NOISE="lambda x: torch.randn(x.shape[0], *[1] * (x.dim() - 1))"
+                                                     ".expand_as(x)")),
+    "eps_of_shape_B_2": (7, dmd_variant(NOISE="lambda x: torch.randn(x.shape[0], 2)")),
+    "seeded_generator": (7, dmd_variant(NOISE="lambda x: torch.randn(x.shape, generator=torch.Generator()"
+                                              ".manual_seed(0))")),
+    "manual_seed_inside": (7, dmd_variant().replace("    if t is None:", "    torch.manual_seed(0)\n    if t is None:",
+                                                    1)),
+    "scores_with_gradient": (6, dmd_variant(GRAD="torch.enable_grad").replace("(x - grad).detach()",
+                                                                              "(x.detach() - grad)")),
+})
+WRONG["fake_score_loss"].update({
+    "seeded_t_and_eps": (4, """
+def fake_score_loss(fake_score, x, labels):
+    g = torch.Generator().manual_seed(0)
+    return diffusion_loss(fake_score, x.detach(), labels, t=torch.rand(x.shape[0], generator=g),
+                          eps=torch.randn(x.shape, generator=g))"""),
+    "eps_per_sample_broadcast": (4, "def fake_score_loss(fake_score, x, labels):\n"
+                                    " eps = torch.randn(x.shape[0], 1).expand_as(x)\n"
+                                    " return diffusion_loss(fake_score, x.detach(), labels, eps=eps)"),
+    "eps_of_shape_B_2": (5, "def fake_score_loss(fake_score, x, labels):\n"
+                            " return diffusion_loss(fake_score, x.detach(), labels, eps=torch.randn(x.shape[0], 2))"),
+})
+WRONG["generate"].update({
+    "no_torch_no_grad": (6, generate_variant()),
+    "seeded_renoising": (5, "@torch.no_grad()" + generate_variant(
+        "diffuse(x, times[k + 1], torch.randn(x.shape, generator=torch.Generator().manual_seed(k)))")),
+    "noise_of_shape_B_2": (5, "@torch.no_grad()" + generate_variant("diffuse(x, times[k + 1], "
+                                                                      "torch.randn(x.shape[0], 2))")),
+    "noise_per_sample_broadcast": (5, "@torch.no_grad()" + generate_variant(
+        "diffuse(x, times[k + 1], torch.randn(x.shape[0], *[1] * (x.dim() - 1)).expand_as(x))")),
+})
+WRONG["gan_classifier_loss"]["logits_negated_in_place"] = (0, "def gan_classifier_loss(logits_real, logits_fake):\n"
+                                                              " return F.softplus(logits_real.neg_()).mean()"
+                                                              " + F.softplus(logits_fake).mean()")
+WRONG["snapshot_index"]["no_snapshots_is_an_index_error"] = (3, "def snapshot_index(step, n_snapshots, interval):\n"
+                                                                " order = list(range(n_snapshots - 1, -1, -1))\n"
+                                                                " return order[min(step // interval, n_snapshots - 1)]")
+CRASHES |= {"alpha_as_a_column", "w_viewed_as_a_column", "eps_of_shape_B_2", "noise_of_shape_B_2",
+            "no_snapshots_is_an_index_error"}
+
+RIGHT["alpha_sigma"] = {"sigma_from_alpha": "def alpha_sigma(t):\n t = _as_time(t)\n"
+                                            " alpha = torch.cos(math.pi * t / 2).clamp(min=0)\n"
+                                            " return alpha, torch.sqrt(1 - alpha**2)"}
+RIGHT["dmd_generator_loss"]["discrete_times"] = dmd_variant().replace(
+    "DM_T_MIN + ((DM_T_MAX) - DM_T_MIN) * torch.rand(x.shape[0])", "torch.randint(20, 981, (x.shape[0],)) / 1000")
+RIGHT["ddim_step"] = {"coefficients": """
+def ddim_step(x_hat, z_t, t, s):
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = _coeffs(t, z_t), _coeffs(s, z_t)
+    return (alpha_s - sigma_s * alpha_t / sigma_t) * x_hat + (sigma_s / sigma_t) * z_t"""}
+RIGHT["pd_target"] = {"own_helpers": """
+def step(x, z, t, s):
+    (a_t, s_t), (a_s, s_s) = _coeffs(t, z), _coeffs(s, z)
+    return a_s * x + s_s * (z - a_t * x) / s_t
+
+def pd_target(teacher, z_t, t, labels, n_steps):
+    t1, t2 = t - 0.5 / n_steps, t - 1.0 / n_steps
+    with torch.no_grad():
+        z1 = step(teacher(z_t, t, labels), z_t, t, t1)
+        z2 = step(teacher(z1, t1, labels), z1, t1, t2)
+    (a_t, s_t), (a_2, s_2) = _coeffs(t, z_t), _coeffs(t2, z_t)
+    return (s_t * z2 - s_2 * z_t) / (s_t * a_2 - s_2 * a_t)"""}
+RIGHT["guided_target"] = {"w_shaped_by_hand": """
+def guided_target(teacher, z_t, t, labels, w):
+    w = torch.as_tensor(w, dtype=z_t.dtype)
+    w = w.reshape(-1, *[1] * (z_t.dim() - 1)) if w.dim() else w
+    return (1 + w) * teacher(z_t, t, labels) - w * teacher(z_t, t, torch.full_like(labels, teacher.null_label))"""}
+RIGHT["renoise"] = {"from_logsnr": """
+def renoise(z_s, s, t, eps):
+    (alpha_s, _), (alpha_t, sigma_t) = common.alpha_sigma(s), common.alpha_sigma(t)
+    return alpha_t / alpha_s * z_s + ((1 - torch.exp(logsnr(t) - logsnr(s))) * sigma_t**2).sqrt() * eps"""}
+RIGHT["fake_score_loss"] = {"v_by_hand": """
+def fake_score_loss(fake_score, x, labels):
+    x = x.detach()
+    t, eps = torch.rand(x.shape[0]), torch.randn_like(x)
+    alpha, sigma = _coeffs(t, x)
+    return (fake_score.predict_v(diffuse(x, t, eps), t, labels) - (alpha * eps - sigma * x)).pow(2).mean()"""}
+RIGHT["generate"] = {"under_no_grad": "@torch.no_grad()" + generate_variant()}
+
+
 def function_from(name: str, label: str, source: str):
     namespace = {}
     exec(compile(PREAMBLE + textwrap.dedent(source), f"<{name}: {label}>", "exec"), namespace)
@@ -453,7 +630,8 @@ def test_a_crash_is_the_students_with_its_line_and_the_other_checks_still_run(tm
     report = check.grade(["basics"], folder=tmp_path)
     results = report["ddim_step"]["results"]
     crashes = [r for r in results if r.status == "crash"]
-    assert len(results) == 4 and len(crashes) == 2 and results[1].passed  # s = 0 passes, the (B,) times crash
+    assert len(results) == len(checks.CHECKS["ddim_step"]) and len(crashes) >= 2 and results[1].passed  # s = 0
+    # passes, the (B,) times crash
     assert all(f"IndexError: index 99999 is out of bounds for dimension 0 with size 512 at basics.py line {line}: "
                "return x_hat[99999]" in r.detail or f"line {line}: return x_hat[99999]" in r.detail
                for r in crashes), crashes
@@ -539,5 +717,117 @@ def test_the_checker_needs_none_of_the_reference_code():
         imports = re.findall(r"^\s*(?:from|import) ([\w.]+)", source, re.M)
         assert all(m.split(".")[0] in ("__future__", "torch", *sys.stdlib_module_names) or
                    m in ("exercises.checks", "exercises.closed_forms") for m in imports), (name, imports)
+    top = (check.HERE / "check.py").read_text().split("\ndef ")[0]
+    assert "\nimport torch" not in top  # the parent process, which starts the topics' processes, needs no torch
     assert torch.equal(closed_forms.by_hand_ddim_step(torch.ones(3, 2), torch.ones(3, 2), 0.5, 0.0), torch.ones(3, 2))
     assert common and dmd  # the wrong answers' namespace imports them
+
+
+# ----------------------------------------------------------------------------------------
+# The checker cannot be ended, hung, fooled or crashed by the code it grades
+# ----------------------------------------------------------------------------------------
+
+TRICKS = {  # appended to the reference answers of each topic: the last definition of a name wins
+    "basics": 'def alpha_sigma(t):\n    print("hello from alpha_sigma")\n    sys.exit(0)\n',
+    "progressive": "def pd_target(teacher, z_t, t, labels, n_steps):\n    while True:\n        pass\n",
+    "guided": ('print("guided.py loaded")\ntry:\n    import exercises.checks as table\n    table.CHECKS.clear()\n'
+               "except ImportError:\n    pass\n"
+               'if sys.modules.get("exercises.checks") is not None:\n'
+               '    sys.modules["exercises.checks"].CHECKS.clear()\n'
+               "def renoise(z_s, s, t, eps):  # the closed form, from the checker's frames\n"
+               "    frame = sys._getframe(1)\n"
+               "    while 'BY_HAND' not in frame.f_globals:\n"
+               "        frame = frame.f_back\n"
+               "    return frame.f_globals['by_hand_renoise'](z_s, s, t, eps)\n"),
+    "dmd": ("from dmd import generate  # noqa: F401 - the reference's\n"
+            "def gan_generator_loss(logits_fake):  # right, and writes into the report\n"
+            "    import os\n"
+            "    try:\n"
+            "        for pid in (os.getppid(), os.getpid()):\n"
+            "            with open(f'/proc/{pid}/fd/1', 'w') as out:\n"
+            "                out.write('not JSON')\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "    return torch.nn.functional.softplus(-logits_fake).mean()\n"),
+    "disback": "def snapshot_index(step, n_snapshots, interval):\n    import os\n    os._exit(0)\n",
+}
+
+
+def test_exits_endless_loops_prints_and_tricks_are_graded_as_failures_with_a_nonzero_exit_code(tmp_path):
+    for topic, trick in TRICKS.items():
+        (tmp_path / f"{topic}.py").write_text(make.render(topic, answers=True) + "\n\n" + trick)
+    out = subprocess.run([sys.executable, str(check.HERE / "check.py"), "--from", str(tmp_path), "--json",
+                          "--time-limit", "3"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    report = json.loads(out.stdout)  # the prints of the student's code are not in it
+    functions = report["functions"]
+
+    def statuses(name):
+        return [r["status"] for r in functions[name]["results"]]
+
+    assert "hello from alpha_sigma" in report["printed"]["basics"] and "guided.py loaded" in report["printed"]["guided"]
+    assert set(statuses("alpha_sigma")) == {"crash"}
+    assert "SystemExit" in functions["alpha_sigma"]["results"][0]["detail"]
+    assert statuses("pd_target") == ["timeout"] * len(checks.CHECKS["pd_target"])  # stopped, the rest not run
+    assert "stopped after 3 s" in functions["pd_target"]["results"][0]["detail"]
+    assert set(statuses("generate")) == {"crash"}
+    assert "not available while it is graded" in functions["generate"]["results"][0]["detail"]
+    assert set(statuses("snapshot_index")) == {"crash"}
+    assert "the process ended" in functions["snapshot_index"]["results"][0]["detail"]
+    assert set(statuses("renoise")) == {"crash"} and "sys._getframe is not available" in functions["renoise"][
+        "results"][0]["detail"]
+    assert "/fd/1 cannot be opened" in functions["gan_generator_loss"]["results"][0]["detail"]
+    for name in ("ddim_step", "snr_weight", "guided_target", "dmd_generator_loss", "gan_classifier_loss"):
+        assert functions[name]["passed"] == functions[name]["checks"] == len(checks.CHECKS[name]), functions[name]
+    assert report["checker_errors"] == 0 and report["checks"] == sum(len(c) for c in checks.CHECKS.values())
+
+
+def test_the_students_own_helpers_are_theirs_and_the_reference_answers_out_of_reach(tmp_path):
+    (tmp_path / "progressive.py").write_text(make.render("progressive") + """
+
+def ddim_step(x_hat, z_t, t, s):  # the student's own, without the division by sigma_t
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = _coeffs(t, z_t), _coeffs(s, z_t)
+    return alpha_s * x_hat + sigma_s * (z_t - alpha_t * x_hat)
+
+
+def pd_target(teacher, z_t, t, labels, n_steps):
+    t1, t2 = t - 0.5 / n_steps, t - 1.0 / n_steps
+    z1 = ddim_step(teacher(z_t, t, labels), z_t, t, t1)
+    return invert_ddim(z_t, ddim_step(teacher(z1, t1, labels), z1, t1, t2), t, t2)
+
+
+def snr_weight(t, weighting):
+    import progressive_distill
+    return progressive_distill.snr_weight(t, weighting)
+
+
+from common import _coeffs  # noqa: E402
+try:
+    from exercises.checks import CHECKS
+    CHECKS.clear()
+except ImportError:
+    pass
+""")
+    before = {name: list(c) for name, c in checks.CHECKS.items()}
+    reference = common.ddim_step, common.alpha_sigma
+    report = check.grade(["progressive"], folder=tmp_path)
+    assert not report["pd_target"]["results"][0].passed  # their ddim_step ran, not the checker's closed form
+    assert all(r.status == "crash" and "not available" in r.detail for r in report["snr_weight"]["results"])
+    assert checks.CHECKS == before and sys.modules["exercises.checks"] is checks  # the table was out of reach
+    assert (common.ddim_step, common.alpha_sigma) == reference  # and everything is put back
+
+
+def test_make_never_hands_out_over_answers_nor_into_the_repository(tmp_path, capsys):
+    assert make.main(["--handout", str(tmp_path)]) == 0
+    stub = tmp_path / "exercises" / "disback.py"
+    answered = stub.read_text() + "\n# my answers\n"
+    stub.write_text(answered)
+    capsys.readouterr()
+    assert make.main(["--handout", str(tmp_path)]) == 1 and stub.read_text() == answered
+    assert "exercises/disback.py" in capsys.readouterr().out
+    assert make.main(["--handout", str(tmp_path), "--force"]) == 0 and stub.read_text() != answered
+    for inside in (make.ROOT, make.HERE, make.HERE / "handout", make.ROOT / "runs" / "handout"):
+        with pytest.raises(make.Refused, match="inside the repository"):
+            make.handout(inside, force=True)
+    assert make.main(["--handuot", str(tmp_path)]) == 2  # a mistyped flag does nothing but say so
+    assert "unknown argument '--handuot'" in capsys.readouterr().out
