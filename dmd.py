@@ -69,7 +69,7 @@ from dmd2 import DMD2_RECIPE, GAN
 from plumbing.config import parse_config, sample_shape
 from plumbing.distributed import per_process
 from plumbing.errors import UserError, require
-from plumbing.folders import dmd_dir, teacher_dir
+from plumbing.folders import dmd_dir, hold, teacher_dir
 from plumbing.image_metrics import load_lpips
 from plumbing.loop import Loop
 from plumbing.metrics import image_batch
@@ -360,9 +360,12 @@ def train_dmd(config: DMDConfig, resume: bool = False, variant: Variant | None =
     """The loop above; DisBack runs it with its `variant` (disback.py)."""
     variant, device = variant or Variant(), pick_device(config.device)
     out = variant.out or dmd_dir(config)
-    if (out / "checkpoint.pt").exists() and not resume:  # before any teacher training or regression set
+    if (out / "checkpoint.pt").exists() and not resume:  # checked, like the rest, before any teacher training
         raise UserError(f"{out} holds an earlier run; pass --resume to continue it, or --tag for a new run")
+    require((out / "checkpoint.pt").exists() or not resume,
+            f"nothing to resume in {out}; run the command without --resume to start")
     check_null_label(config)
+    hold(out)  # the run folder is this run's alone
     lpips = load_lpips(config, device) if config.reg_weight > 0 and config.reg_loss == "lpips" else None
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
     mu_real = real_score_of(teacher, config)
@@ -424,6 +427,15 @@ def check_config(config: DMDConfig) -> None:
     require(config.fake_updates >= 1, f"--fake-updates must be at least 1, got {config.fake_updates}")
     require(config.real_guidance >= 0, f"--real-guidance must be >= 0, got {config.real_guidance}")
     require(config.reg_weight >= 0, f"--reg-weight must be >= 0, got {config.reg_weight}")
+    require(config.reg_weight == 0 or min(config.reg_pairs, config.reg_steps) >= 1,
+            f"the regression loss needs --reg-pairs and --reg-steps of at least 1 (got {config.reg_pairs} and "
+            f"{config.reg_steps}); or pass --reg-weight 0 to train without it")
+    require(config.dmd_iterations >= 1 and config.dmd_batch_size >= 1 and config.eval_every >= 1,
+            "--dmd-iterations, --dmd-batch-size and --eval-every must be at least 1")
+    require(0.0 <= config.dmd_label_dropout <= 1.0,
+            f"--dmd-label-dropout must be in [0, 1], got {config.dmd_label_dropout}")
+    require(not set(config.tag) & {"/", "\\"}, f"--tag {config.tag!r} names a run folder's suffix: "
+            "use no path separators")
     require(0.0 <= config.gen_ema < 1.0, f"--gen-ema must be in [0, 1), got {config.gen_ema}")
     for name in ("dm_weight", "gen_gan_weight", "cls_gan_weight"):
         require(config[name] >= 0, f"--{name.replace('_', '-')} must be >= 0, got {config[name]}")

@@ -22,9 +22,9 @@ times `gen_gan_weight` (3e-3), beside distribution matching. D is D(logit) = sig
 
 The classifier (DMD2's official code, main/edm/: on the bottleneck, 8x8 at ImageNet-64):
 Conv 4x4 stride 2, GroupNorm, SiLU, Conv 4x4 stride 4, GroupNorm, SiLU, Conv 1x1 -> one logit.
-Here the second convolution's kernel and stride are a quarter of the bottleneck's size (2 at 8x8),
-leaving a 2x2 map whose logits are averaged (DMD2's 4x4/4 leaves 1x1): the head every measurement
-in docs/results.md used. On toy data the head is an MLP on the fake MLP's last hidden layer.
+Here the second convolution's kernel and stride are half the bottleneck's size, so that any
+bottleneck ends in one logit (4x4/4 at 8x8, as DMD2's). On toy data the head is an MLP on the fake
+MLP's last hidden layer.
 
 The recipes (one switch, `--recipe`):
     dmd   the DMD paper: regression loss, fake_updates per generator update as tuned per preset
@@ -74,19 +74,19 @@ def gan_times(n: int, device) -> torch.Tensor:
 
 
 class ImageHead(nn.Module):
-    """(B, C, r, r) bottleneck features -> (B,) logits: Conv 4x4/2, GN, SiLU, Conv (r/4)x(r/4)/(r/4), GN, SiLU,
-    Conv 1x1, the mean over the 2x2 map left (DMD2's second convolution is 4x4/4, down to 1x1)."""
+    """(B, C, r, r) bottleneck features -> (B,) logits: Conv 4x4/2, GN, SiLU, Conv (r/2)x(r/2)/(r/2), GN, SiLU,
+    Conv 1x1 (DMD2's, sized to any bottleneck: at its 8x8 one the second convolution is 4x4/4, down to 1x1)."""
 
     def __init__(self, channels: int, size: int):
         super().__init__()
-        k = max(size // 4, 1)  # after the first convolution the map is size / 2; this brings it to 2x2
+        k = max(size // 2, 1)  # after the first convolution the map is size / 2; this brings it to 1x1
         self.body = nn.Sequential(
             nn.Conv2d(channels, channels, 4, stride=2, padding=1), group_norm(channels), nn.SiLU(),
             nn.Conv2d(channels, channels, k, stride=k), group_norm(channels), nn.SiLU(),
             nn.Conv2d(channels, 1, 1))
 
     def forward(self, h):
-        return self.body(h).mean(dim=(1, 2, 3))  # (B,): one logit, the mean over the 2x2 map
+        return self.body(h).mean(dim=(1, 2, 3))  # (B,): one logit (a mean only where an odd size leaves more)
 
 
 class PointHead(nn.Module):

@@ -320,6 +320,10 @@ def check_config(config: GuidedConfig) -> None:
             f"guidance weights must be >= 0 (w = 0 is the conditional model), got "
             f"[{config.w_min}, {config.w_max}]")
     require(config.w_min <= config.w_max, f"--w-min {config.w_min} is above --w-max {config.w_max}; swap them")
+    outside = [w for w in config.eval_ws if not config.w_min <= w <= config.w_max]
+    require(config.single_w is not None or not outside,  # (the single-w baseline is measured at its own w)
+            f"--eval-ws {' '.join(f'{w:g}' for w in outside)}: outside the trained range [{config.w_min:g}, "
+            f"{config.w_max:g}]; measure within it, or widen --w-min / --w-max")
     require(config.sampler in SAMPLERS, f"unknown --sampler {config.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     require(config.stage1_iterations >= 1, f"--stage1-iterations must be at least 1, got {config.stage1_iterations}")
     require(config.pd_label_dropout <= 0, "guided distillation trains on class labels: use --pd-label-dropout 0")

@@ -46,7 +46,7 @@ from plumbing.loop import Loop
 from plumbing.metrics import describe, evaluate_sampler, sample_count, within_share
 from plumbing.networks import build_network, frozen_denoiser
 from plumbing.pretrained import is_pretrained, load_pretrained
-from plumbing.training import (EMA, LogWriter, autocast, check_compatible, fingerprint, load_checkpoint,
+from plumbing.training import (EMA, autocast, check_compatible, fingerprint, load_checkpoint,
                                optimizer_step, pick_device, prepare_network, run_cli, seed_everything, write_json)
 
 
@@ -79,10 +79,16 @@ class TeacherConfig(RunConfig):
         for name in ("batch_size", "iterations"):
             require(self[name] >= 1, f"--{name.replace('_', '-')} must be at least 1, got {self[name]}")
         require(0.0 <= self.label_dropout < 1.0, f"--label-dropout must be in [0, 1), got {self.label_dropout}")
+        require(0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        require(self.grad_clip > 0, f"--grad-clip must be above 0 (the largest norm kept), got {self.grad_clip}")
+        require(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
+        require(self.warmup >= 0, f"--warmup must be 0 or more, got {self.warmup}")
 
 
-def train_teacher(config: TeacherConfig, resume: bool = False) -> Path:
-    """Alg. 1 with label dropout and EMA; checkpoints every `ckpt_every`; returns the path."""
+def train_teacher(config: TeacherConfig, resume: bool = False,
+                  rerun: str = "rerun the command with --resume to continue") -> Path:
+    """Alg. 1 with label dropout and EMA; checkpoints every `ckpt_every`; returns the path. `rerun`: how to continue
+    after Ctrl-C."""
     device = pick_device(config.device)
     path = Path(config.teacher)
     seed_everything(config.seed)
@@ -91,9 +97,9 @@ def train_teacher(config: TeacherConfig, resume: bool = False) -> Path:
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     stream = BatchStream(config, device, config.seed)
     keys = (*NetworkConfig.network_keys(), *TeacherConfig.run_keys(RunConfig))  # what a resumed run must share
-    log = LogWriter(teacher_dir(config) / "log.jsonl", resume=path.exists())  # Loop refuses a rerun, restores a resume
     loop = Loop(path, config, "teacher", config.iterations, {"model": model, "ema": ema, "opt": opt, "stream": stream},
-                "teacher", keys=keys, log=log, resume=resume, checkpoint_at_end=True, kind="teacher")
+                "teacher", keys=keys, log=teacher_dir(config) / "log.jsonl", resume=resume, checkpoint_at_end=True,
+                kind="teacher", rerun=rerun)
     prepare_network(model, config, device)
     model.train()
     for step in loop:
@@ -173,10 +179,35 @@ def evaluation_cost(config: dict, training: int) -> str:
             f"{calls / training:.0%} of its training's ~{training:,} (--eval-samples and --eval-steps set it)")
 
 
+def is_default_teacher(config: TeacherConfig) -> bool:
+    """Whether the teacher is <out_dir>/teacher.pt, the only one a method script trains or continues: a teacher
+    named with --teacher elsewhere is read, never written."""
+    return Path(config.teacher).resolve() == (Path(config.out_dir) / "teacher.pt").resolve()
+
+
+def check_named_teacher(config: TeacherConfig) -> None:
+    """A teacher named with --teacher must be there: it is never trained in its place."""
+    require(is_pretrained(config) or is_default_teacher(config) or Path(config.teacher).exists(),
+            f"no teacher at {config.teacher} (--teacher); check the path, or leave --teacher out to train one at "
+            f"{Path(config.out_dir) / 'teacher.pt'}")
+
+
+def read_teacher(path: Path) -> dict:
+    """A teacher checkpoint; anything else this project writes is refused with what it is."""
+    state = load_checkpoint(path, "teacher checkpoint")
+    kind = str(state.get("kind"))
+    if kind != "teacher":
+        what = {"dmd": "a DMD or DisBack run's checkpoint", "stage1": "guided distillation's stage-one student"}.get(
+            kind, "a distilled student" if kind.startswith("student") else f"not a teacher (it holds a {kind!r})")
+        raise UserError(f"{path} is {what}, not a teacher; pass --teacher the teacher.pt it was distilled from "
+                        "(or leave --teacher out), and compare students with evaluate.py")
+    return state
+
+
 def load_teacher(config: TeacherConfig, device: torch.device, train_if_missing: bool = True) -> Denoiser:
-    """The frozen teacher (EMA weights, eval mode, no grads); trained first if missing. A diffusers checkpoint
-    (--teacher diffusers:<hub id or folder>) comes wrapped as a denoiser (plumbing/pretrained.py) and is never
-    trained here."""
+    """The frozen teacher (EMA weights, eval mode, no grads); at <out_dir>/teacher.pt trained first if missing or
+    unfinished, and a teacher named with --teacher used as it is. A diffusers checkpoint (--teacher diffusers:<hub
+    id or folder>) comes wrapped as a denoiser (plumbing/pretrained.py) and is never trained here."""
     if is_pretrained(config):
         require(config.net == "unet", "a diffusers teacher is an image model; pass an image --preset or --data")
         teacher = load_pretrained(config, device).requires_grad_(False)  # eval mode, no grads
@@ -184,16 +215,16 @@ def load_teacher(config: TeacherConfig, device: torch.device, train_if_missing: 
         prepare_network(teacher, config, device, compile=False)  # students are copies of it
         return teacher
     path = Path(config.teacher)
-    if train_if_missing:
-        state = load_checkpoint(path, "teacher checkpoint") if path.exists() else None
+    check_named_teacher(config)
+    if train_if_missing and is_default_teacher(config):
+        state = read_teacher(path) if path.exists() else None
         if state is None or state["step"] < config.iterations:
             print(f"teacher checkpoint {path} is {'missing' if state is None else 'unfinished'}: training it first, "
                   f"{config.iterations} updates at batch {config.batch_size} (its projected time follows a warm-up)")
-            train_teacher(config, resume=state is not None)
+            train_teacher(config, resume=state is not None,
+                          rerun="rerun the command to continue (the teacher's training resumes by itself)")
             evaluate_teacher(config, device)
-    state = load_checkpoint(path, "teacher checkpoint")
-    if state.get("kind") != "teacher":
-        raise UserError(f"{path} is not a teacher checkpoint (it holds a {state.get('kind')!r})")
+    state = read_teacher(path)
     check_compatible(state["config"], config, NetworkConfig.network_keys(), "teacher checkpoint", path)
     teacher = frozen_denoiser(state["config"], state["ema"]["model"], device)
     teacher.checkpoint, teacher.fingerprint = str(path), fingerprint(state["ema"]["model"])  # what it is, for caches
@@ -208,8 +239,9 @@ def require_null_label(config: TeacherConfig, why: str) -> None:
     An unconditional teacher (a diffusers one) ignores labels: every label is its null label."""
     if is_pretrained(config):
         return
+    check_named_teacher(config)
     path = Path(config.teacher)
-    trained = load_checkpoint(path, "teacher checkpoint")["config"] if path.exists() else config
+    trained = read_teacher(path)["config"] if path.exists() else config
     if trained["label_dropout"] <= 0:
         raise UserError(f"the teacher {'at ' + str(path) if path.exists() else 'to be trained'} has no null class "
                         f"(it was trained with --label-dropout 0), so {why}; train one with "

@@ -29,6 +29,12 @@ def refresh(path: Path, timeout: int = 900) -> float:
 
 
 def main(names: list[str]) -> None:
+    if "-h" in names or "--help" in names:
+        print(__doc__)
+        return
+    if any(name.startswith("-") for name in names):
+        raise SystemExit(f"error: unknown option {next(n for n in names if n.startswith('-'))}; "
+                         "python notebooks/refresh.py [NOTEBOOK.ipynb ...]")
     try:
         import nbclient  # noqa: F401
     except ImportError:

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass
@@ -159,10 +161,38 @@ class NetworkConfig(Config):
         require(self.data in DATA_INFO, f"unknown data set {self.data!r}; choose one of {', '.join(DATA_INFO)}")
         require((self.data in ("gaussians8", "moons")) == (self.net == "mlp"),
                 f"--net {self.net} does not fit --data {self.data}: toy data uses --net mlp, images --net unet")
+        for name in ("hidden", "depth", "channels", "num_res_blocks", "image_size"):
+            require(self[name] >= 1, f"{flag(name)} must be at least 1, got {self[name]}")
+        require(min(self.ch_mult) >= 1, f"--ch-mult must all be at least 1, got {self.ch_mult}")
         levels = 2 ** (len(self.ch_mult) - 1)  # the UNet halves the size between levels
         require(self.net == "mlp" or (self.image_size >= levels and self.image_size % levels == 0),
                 f"--image-size {self.image_size} cannot be halved {len(self.ch_mult) - 1} times by the UNet "
                 f"(--ch-mult {' '.join(map(str, self.ch_mult))}); use a multiple of {levels}")
+        sizes = [self.image_size // 2**level for level in range(len(self.ch_mult))]  # the UNet's resolutions
+        missing = [r for r in self.attn_res if r not in sizes]
+        require(self.net == "mlp" or str(self.get("teacher")).startswith("diffusers:") or not missing,
+                f"--attn-res {' '.join(map(str, missing))}: no such resolution in this UNet (--image-size "
+                f"{self.image_size} with --ch-mult {' '.join(map(str, self.ch_mult))} has "
+                f"{', '.join(map(str, sizes))}), so its attention would be dropped; pass --attn-res among those")
+
+
+def check_device(name: str) -> None:
+    """A --device name torch knows (whether this machine has it is `pick_device`'s to say)."""
+    try:
+        kind = "auto" if name == "auto" else torch.device(name).type
+    except RuntimeError:
+        kind = None
+    require(kind in ("auto", "cuda", "mps", "cpu"), f"unknown --device {name!r}; choose auto, cpu, cuda, cuda:<n> "
+            "or mps")
+
+
+def check_writable(folder: str) -> None:
+    """--out-dir is a folder this user may write, or may be made in one: checked before any work."""
+    path = Path(folder).absolute()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    require(existing.is_dir(), f"--out-dir {folder}: {existing} is a file, not a folder; pass another --out-dir")
+    require(os.access(existing, os.W_OK | os.X_OK), f"--out-dir {folder}: {existing} is not writable by you; "
+            "pass another --out-dir")
 
 
 def image_size(config: dict) -> int:
@@ -197,6 +227,7 @@ class RunConfig(NetworkConfig):
     inception: bool = True            # images: also Inception FID where torch-fidelity and its weights are available
     log_every: int = 500              # updates between log lines
     ckpt_every: int = 5000            # updates between checkpoints
+    ckpt_seconds: int = 120           # also a checkpoint when this many seconds have passed since the last one
     sample_every: int = 20_000        # updates between sample pictures
     amp: bool = True                  # bf16 autocast on CUDA (docs/precision.md)
     compile: bool = False             # torch.compile the network (CUDA)
@@ -210,6 +241,9 @@ class RunConfig(NetworkConfig):
     }
 
     def __post_init__(self):
+        for name in ("out_dir", "teacher", "data_dir"):  # "" is not a folder (and not "the default")
+            require(self[name] is None or str(self[name]).strip() != "", f"{flag(name)} is empty; give a path, "
+                    "or leave the flag out for its default")
         self.out_dir = str(self.out_dir or Path("runs") / self.preset)
         self.teacher = str(self.teacher or Path(self.out_dir) / "teacher.pt")
         self.data_dir = None if self.data_dir is None else str(self.data_dir)
@@ -217,13 +251,17 @@ class RunConfig(NetworkConfig):
 
     def check(self) -> None:
         super().check()
-        for name in ("eval_samples", "log_every", "ckpt_every", "sample_every"):
+        for name in ("log_every", "ckpt_every", "ckpt_seconds", "sample_every"):
             require(self[name] >= 1, f"{flag(name)} must be at least 1, got {self[name]}")
+        for name in ("seed", "eval_seed"):
+            require(0 <= self[name] < 2**31, f"{flag(name)} must be 0 or more (and below 2^31), got {self[name]}")
+        require(self.eval_samples >= 2, f"--eval-samples must be at least 2 (the metrics compare sample sets), "
+                f"got {self.eval_samples}")
+        check_device(self.device)
+        check_writable(self.out_dir)
         require(self.eval_share >= 0, f"--eval-share must be 0 (no cap) or more, got {self.eval_share}")
         require(self.fd_max_steps >= 0, f"--fd-max-steps must be 0 (pictures only) or more, got {self.fd_max_steps}")
         require(all(s >= 1 for s in self.eval_steps), "--eval-steps must all be at least 1")
-        require(self.net == "mlp" or self.eval_samples >= 2,
-                f"--eval-samples must be at least 2 for a Frechet distance, got {self.eval_samples}")
         require(self.net == "mlp" or self.fd_max_steps == 0 or self.classifier_steps >= 1,
                 "--classifier-steps must be at least 1 for image metrics (or pass --fd-max-steps 0)")
 
@@ -259,12 +297,21 @@ def resolve_preset(name: str) -> str:
     return name
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, a value of the wrong type) are one line, like every other."""
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        close = unknown and difflib.get_close_matches(unknown.group(1).split("=")[0], self._option_string_actions, 1)
+        raise UserError(f"{message}" + (f"; did you mean {close[0]}?" if close else "") + " (see --help)")
+
+
 def parse_config(cls, description: str, argv=None, flags: dict | None = None):
     """The command line -> (config, {flag: bool}). `flags` ({name: help}) are switches that are
     not part of a config (e.g. --resume)."""
     flags = flags or {}
     hints, helps = typing.get_type_hints(cls), field_help(cls)
-    parser = argparse.ArgumentParser(description=description)
+    parser = OneLineParser(description=description)
     parser.add_argument("--preset", default="auto",
                         help=f"one of {', '.join(PRESET_NAMES)} (default auto); it sets every value below")
     for name, text in flags.items():

@@ -123,13 +123,19 @@ def load_images(config: dict, train: bool = True):
     return x, labels
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """The MNIST 'idx' format (optionally gzipped): big-endian dims after a 4-byte magic."""
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """The MNIST 'idx' format (optionally gzipped): big-endian dims after a 4-byte magic (0, 0, 8 = uint8, ndim).
+    A file that is not one (not gzip, cut short, another layout) is one line that names it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{path} cannot be read ({e}); download it again or delete it") from None
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if data[:4] != bytes([0, 0, 8, ndim]) or len(data) != 4 + 4 * ndim + math.prod(dims):
+        raise UserError(f"{path} is not an idx file of {ndim}-dimensional uint8 data of the size its header says "
+                        "(cut short, or another file); download it again or delete it")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -154,9 +160,14 @@ def load_fashion_mnist(data_dir: str | None, train: bool = True, download: bool 
         images = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
         labels = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
         if images and labels:
-            x = torch.from_numpy(_read_idx(images).copy())[:, None]  # (N, 1, 28, 28)
+            x = torch.from_numpy(_read_idx(images, 3).copy())[:, None]  # (N, 1, 28, 28)
+            y = _read_idx(labels, 1).astype(np.int64)
+            if len(x) != len(y) or x.shape[2:] != (28, 28) or y.max(initial=0) > 9:
+                raise UserError(f"{images} and {labels} do not make a Fashion-MNIST set ({len(x)} images of "
+                                f"{tuple(x.shape[2:])} pixels, {len(y)} labels up to {y.max(initial=0)}); "
+                                "download them again")
             x = torch.nn.functional.pad(x, (2, 2, 2, 2))  # (N, 1, 32, 32), background 0 = black
-            return x, torch.from_numpy(_read_idx(labels).astype(np.int64))
+            return x, torch.from_numpy(y)
     if download and data_dir:
         try:
             from torchvision.datasets import FashionMNIST

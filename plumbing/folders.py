@@ -10,13 +10,21 @@ script's results (DisBack's comparison with DMD, the teacher's metrics beside a 
     <out_dir>/disback[_dmd2]_<K>step[_<tag>]/ disback.py     disback_dir
 
 <out_dir> is runs/<preset> unless --out-dir says otherwise (plumbing/config.py).
+
+A run folder is held by one run at a time (`hold`): a second run into it is refused with one line.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
+from plumbing import distributed
+from plumbing.errors import UserError
 from plumbing.pretrained import is_pretrained, pretrained_name
+
+_held: dict = {}  # the run folders this process holds: {folder: its open .lock file}
 
 
 def teacher_dir(config: dict) -> Path:
@@ -48,3 +56,29 @@ def disback_dir(config: dict) -> Path:
 def tagged(config: dict) -> str:
     """The run folder's suffix for --tag: '' or '_<tag>'."""
     return f"_{config['tag']}" if config["tag"] else ""
+
+
+def hold(folder) -> None:
+    """Hold a run folder until this process ends, or refuse with one line if another process holds it. The lock
+    is the kernel's (flock on <folder>/.lock), so a killed run leaves nothing held. A process may hold a folder
+    again (a resumed loop, a second stage); under torchrun rank 0 holds it for every rank."""
+    folder = Path(folder)
+    if folder.resolve() in _held or not distributed.is_main():
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / ".lock", "a+")
+    except OSError as e:
+        raise UserError(f"cannot write in {folder} ({e.strerror}); pass an --out-dir you can write to") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"{folder} is in use by another run ({owner}); wait for it to end, "
+                        "or pass another --out-dir") from None
+    lock.truncate(0)
+    lock.write(f"process {os.getpid()}\n")
+    lock.flush()
+    _held[folder.resolve()] = lock

@@ -11,8 +11,12 @@ What it takes care of:
   optimisers, EMA, batch streams: anything with `state_dict`), the RNGs, `loop.extra`, the step,
   and the log exactly as it was (a killed run's later lines are dropped, none is repeated);
   a checkpoint made with other settings (`keys` of the config) is refused with one line;
-- checkpoints, written atomically every `ckpt_every` updates (and after the last one when
-  `checkpoint_at_end`), holding tensors and plain values only;
+- checkpoints, written atomically every `ckpt_every` updates, and also whenever `ckpt_seconds` have
+  passed since the last one (and after the last update when `checkpoint_at_end`), holding tensors and
+  plain values only; a killed run loses minutes, not the run;
+- Ctrl-C: the update under way ends, a checkpoint is written, then the run stops (a second Ctrl-C
+  stops it at once);
+- the run folder, held by this run alone (plumbing/folders.py's `hold`);
 - a progress bar (`loop.show(...)` sets its postfix) and `loop.write(...)` for a line beside it;
 - `loop.due(every)`: true after every `every`-th update and after the last one;
 - `loop.extra`: plain data (histories, timers) that travels with the checkpoint;
@@ -24,6 +28,9 @@ What it takes care of:
 from __future__ import annotations
 
 import contextlib
+import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -31,21 +38,35 @@ import torch
 
 from plumbing import distributed
 from plumbing.errors import UserError
+from plumbing.folders import hold
 from plumbing.training import (LogWriter, check_compatible, load_checkpoint, progress, read_json, rng_state,
                                save_checkpoint, seed_everything, set_rng_state, write_json)
 
 
 class Loop:
+    """`resume`: None continues a checkpoint at `path` if there is one; True continues one, which must be there
+    (--resume); False starts afresh and refuses to overwrite one. `log`: a LogWriter the caller shares, or
+    where to write the log (default: beside the checkpoint). `rerun`: how to continue after Ctrl-C."""
+
     def __init__(self, path, config: dict, phase: str, total: int, state: dict, desc: str, keys=(),
-                 log: LogWriter | None = None, checkpoint_at_end: bool = False, ckpt_every: int | None = None,
-                 resume: bool = True, kind: str = "progress", shared: bool = False):
+                 log: LogWriter | Path | None = None, checkpoint_at_end: bool = False, ckpt_every: int | None = None,
+                 resume: bool | None = None, kind: str = "progress", shared: bool = False,
+                 rerun: str = "rerun the command with --resume to continue"):
         self.path, self.config, self.phase, self.total = Path(path), config, phase, total
         self.state, self.desc, self.keys, self.kind, self.shared = state, desc, keys, kind, shared
-        if self.path.exists() and not resume:
+        hold(self.path.parent)  # before anything is written there
+        if self.path.exists() and resume is False:
+            new_run = "--tag or --out-dir" if config.get("tag") is not None else "--out-dir"
             raise UserError(f"{self.path.parent} holds an earlier run; pass --resume to continue it, "
-                            "or --out-dir (or --tag) for a new run")
-        self.log_writer = log or LogWriter(self.path.parent / "log.jsonl", resume=self.path.exists())
+                            f"or {new_run} for a new run")
+        if not self.path.exists() and resume is True:
+            raise UserError(f"nothing to resume: there is no checkpoint at {self.path}; run the command without "
+                            "--resume to start")
+        if not isinstance(log, LogWriter):
+            log = LogWriter(log or self.path.parent / "log.jsonl", resume=self.path.exists())
+        self.log_writer, self.rerun = log, rerun
         self.checkpoint_at_end, self.ckpt_every = checkpoint_at_end, ckpt_every or config["ckpt_every"]
+        self.ckpt_seconds = config.get("ckpt_seconds", math.inf)
         self.extra: dict = {}  # plain data saved with each checkpoint
         self.more: dict = {}  # fixed entries of every checkpoint, set by the caller
         self.step, self.index, self.seconds, self.eval_seconds, self._paused = 0, 0, 0.0, 0.0, 0.0
@@ -94,17 +115,45 @@ class Loop:
     def __iter__(self):
         self.bar = progress(range(self.step, self.total), self.desc, initial=self.step, total=self.total)
         projection = Projection(self.step, self.total)
-        for index in self.bar:
-            self.index, self._paused, tick = index, 0.0, time.perf_counter()
-            yield self.index
-            self.step = self.index + 1
-            self.seconds += time.perf_counter() - tick - self._paused
-            if (line := projection.update(self.step, time.perf_counter() - tick - self._paused)) is not None:
-                self.write(f"{self.desc}: {line}")
-            last = self.step == self.total
-            if (self.step % self.ckpt_every == 0 and not last) or (last and self.checkpoint_at_end):
-                self.checkpoint()
+        saved_at = time.monotonic()
+        with self.stop_between_updates():
+            for index in self.bar:
+                self.index, self._paused, tick = index, 0.0, time.perf_counter()
+                yield self.index
+                self.step = self.index + 1
+                self.seconds += time.perf_counter() - tick - self._paused
+                if (line := projection.update(self.step, time.perf_counter() - tick - self._paused)) is not None:
+                    self.write(f"{self.desc}: {line}")
+                last = self.step == self.total
+                due = self.step % self.ckpt_every == 0 or time.monotonic() - saved_at >= self.ckpt_seconds
+                if (due and not last) or (last and self.checkpoint_at_end) or self.stopping:
+                    self.checkpoint()
+                    saved_at = time.monotonic()
+                if self.stopping:
+                    raise KeyboardInterrupt(f"{self.desc} saved at update {self.step} in {self.path}; {self.rerun}")
         self.bar.close()
+
+    @contextlib.contextmanager
+    def stop_between_updates(self):
+        """Within it, Ctrl-C sets `stopping`: the update under way ends and is saved, then the loop stops. A second
+        Ctrl-C stops at once. (Only where Python's own handler is in place, in one process.)"""
+        self.stopping = False
+        previous = signal.getsignal(signal.SIGINT)
+        if (previous is not signal.default_int_handler or distributed.world() > 1
+                or threading.current_thread() is not threading.main_thread()):
+            yield
+            return
+
+        def stop(signum, frame):
+            self.stopping = True
+            signal.signal(signal.SIGINT, previous)
+            self.write("Ctrl-C: stopping after this update, with a checkpoint (Ctrl-C again to stop at once)")
+
+        signal.signal(signal.SIGINT, stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def due(self, every: int) -> bool:
         """Inside the loop: whether this update is an `every`-th one, or the last."""
@@ -177,10 +226,13 @@ class Ladder:
 
     def __init__(self, out: Path, config: dict, resume: bool):
         self.out, self.config = Path(out), config
-        if self.out.exists() and any(self.out.glob("*.pt")) and not resume:
+        hold(self.out)
+        started = any(self.out.glob("*.pt"))
+        if started and not resume:
             raise UserError(f"{self.out} holds an earlier run; pass --resume to continue it, "
                             "or --out-dir for a new run")
-        self.out.mkdir(parents=True, exist_ok=True)
+        if resume and not started and not (self.out / "log.jsonl").exists():  # a log: killed before a checkpoint
+            raise UserError(f"nothing to resume in {self.out}; run the command without --resume to start")
         self.metrics = read_json(self.out / "metrics.json") if resume else {}
         self.log = LogWriter(self.out / "log.jsonl", resume=resume)
         self.logged: list = []  # the log as it was when the last finished stage ended

@@ -39,9 +39,10 @@ def run_cli(main) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is intact; rerun the command with --resume to continue",
-              file=sys.stderr)
+    except KeyboardInterrupt as e:  # a Loop stopped by Ctrl-C says what it saved; otherwise it stopped mid-update
+        print(f"interrupted: {e}" if str(e) else "interrupted: rerun the command with --resume to continue from the "
+              "run's last checkpoint (one is written every --ckpt-every updates or --ckpt-seconds), or without "
+              "--resume if it had none yet", file=sys.stderr)
         raise SystemExit(130) from None
 
 
@@ -77,11 +78,17 @@ class EMA:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """cuda, then mps, then cpu (or the one asked for)."""
+    """cuda, then mps, then cpu (or the one asked for, if this machine has it)."""
     if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
+        device = torch.device(name)  # a name torch does not know is refused when the config is made
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {name} asked for, but CUDA is not available; use --device cpu")
-        return torch.device(name)
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"--device {name} asked for, but MPS is not available; use --device cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device()) if distributed.active() else torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -120,7 +127,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path, state: dict) -> None:
-    """Write atomically: to a temporary file in the same folder, fsync, then rename.
+    """Write atomically: to a temporary file in the same folder, fsync, then rename; with the checksum of
+    its tensors, which `load_checkpoint` verifies, and the permissions the umask gives any new file.
 
     A run killed mid-write leaves the previous checkpoint intact.
     """
@@ -130,12 +138,14 @@ def save_checkpoint(path, state: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.as_dict() if hasattr(v, "as_dict") else v for k, v in state.items()}  # configs as plain dicts
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    state["checksum"] = checksum(state)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # as open() would have made it: shared runs/ stay readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -153,8 +163,14 @@ def load_checkpoint(path, what: str = "checkpoint") -> dict:
     if not path.is_file():
         raise UserError(f"{what} not found at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # never advise deleting a file this project did not write
+        with open(path, "rb") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"  # how every torch.save file begins
+        if zip_start and not zipfile.is_zipfile(path):
+            raise UserError(f"{what} at {path} is cut short or damaged (it begins as a torch.save file but its end "
+                            "is missing: a copy that did not finish?); copy it again, or delete it and rerun to make "
+                            "it anew") from None
         if not zipfile.is_zipfile(path):  # save_checkpoint writes whole torch.save files (atomically) or none
             raise UserError(f"{what} at {path} cannot be read: it is not in torch.save's format, so not a "
                             "checkpoint this project wrote; check the path") from None
@@ -164,6 +180,32 @@ def load_checkpoint(path, what: str = "checkpoint") -> dict:
                             "version (one an older version of this project wrote is made anew once deleted)") from None
         raise UserError(f"{what} at {path} cannot be read ({type(e).__name__}): a damaged or foreign torch file; "
                         "if this project wrote it, delete it and rerun, otherwise check the path") from None
+    if isinstance(state, dict) and "checksum" in state and state.pop("checksum") != checksum(state):
+        raise UserError(f"{what} at {path} is damaged: its tensors no longer match the checksum written with "
+                        "them; copy it again, or delete it and rerun to make it anew")
+    return state
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # (reading the umask means setting it)
+    os.umask(mask)
+    return mask
+
+
+def checksum(state) -> str:
+    """The `fingerprint` of every tensor in a checkpoint (nested dicts and lists, a key "checksum" left out)."""
+    def tensors(obj, name=""):
+        if isinstance(obj, torch.Tensor):
+            yield name, obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                if k != "checksum":
+                    yield from tensors(v, f"{name}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from tensors(v, f"{name}/{i}")
+
+    return fingerprint(dict(tensors(state)))
 
 
 def fingerprint(state_dict: dict) -> str:

@@ -2,6 +2,7 @@ import gzip
 import inspect
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,7 +14,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N` (the default, pyproject.toml): one thread per worker,
+    os.environ["OMP_NUM_THREADS"] = "1"     # and for the scripts and notebooks it starts (tiny networks gain
+    torch.set_num_threads(1)                # little from a second thread; two workers gain almost twice)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def pytest_collection_modifyitems(items):

@@ -42,16 +42,14 @@ def test_recorded_path_starts_at_the_teacher_and_fits_the_initial_generator(tmp_
     path = disback.BacktrackingPath(teacher, paths, interval=10)
     assert path(10**6) is teacher  # s'_0 is the teacher itself, exactly
     # the snapshots' denoising loss on G_0's samples (the same noise and times for each) falls along the path
-    g = torch.Generator().manual_seed(9)
-    z, c = torch.randn(4096, 2, generator=g), torch.full((4096,), 8)
-    x0 = dmd.generate(teacher, z, c, 1)  # G_0: the teacher at t = 1, the data mean for every z
-    losses = []
-    for j in range(len(paths) + 1):
-        score = teacher if j == 0 else disback.BacktrackingPath(teacher, paths, 1)(len(paths) - 1 - j)
-        torch.manual_seed(0)
-        losses.append(dmd.fake_score_loss(score, x0, c).item())
-    assert all(a > b for a, b in zip(losses, losses[1:])), losses
+    state = torch.get_rng_state()
+    report = disback.path_losses(teacher, paths, config, "cpu")
+    assert torch.equal(torch.get_rng_state(), state)  # the run's random stream is left as it was
+    assert report == disback.path_losses(teacher, paths, config, "cpu")  # fixed noise: the same numbers again
+    losses = report["losses"]
+    assert len(losses) == len(paths) + 1 and all(a > b for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.2 * losses[0], losses  # s'_N has learned G_0's distribution
+    assert report["fall_before_first"] == pytest.approx((losses[0] - losses[1]) / (losses[0] - losses[-1]))
     # a path recorded with other settings is refused, not silently reused
     with pytest.raises(UserError, match="recorded with other settings .*record_lr=0.0001"):
         disback.record_degradation(teacher, config.replace(record_lr=1e-5), "cpu", tmp_path / "snapshots")

@@ -100,6 +100,23 @@ def test_multi_step_sampling_uses_the_schedule_and_fresh_noise():
     assert dmd.generator_times(2) == [1.0, 0.5]
 
 
+def test_each_steps_prediction_is_the_one_the_sampler_makes():
+    # tools/dmd_steps.py measures the k-th step's x prediction: k = K - 1 is the sample itself, and k = 0 the
+    # generator at t = 1 on the pure noise
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import dmd_steps
+
+    def generator(z_t, t, labels):
+        return 0.5 * z_t + t[:, None]
+
+    z, labels = torch.randn(64, 2), torch.zeros(64, dtype=torch.long)
+    torch.manual_seed(1)
+    last = dmd_steps.prediction_at(generator, z, labels, 4, 3)
+    torch.manual_seed(1)
+    assert torch.equal(last, dmd.generate(generator, z, labels, 4))
+    assert torch.equal(dmd_steps.prediction_at(generator, z, labels, 4, 0), generator(z, torch.ones(64), labels))
+
+
 def dmd_config(folder, teacher_folder, **overrides):
     folder = with_teacher(folder, teacher_folder)
     return dmd.DMDConfig.from_preset("toy", **{

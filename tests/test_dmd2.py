@@ -87,7 +87,7 @@ def test_the_image_head_reads_the_unets_bottleneck_at_any_size(size, ch_mult):
     r = size // 2 ** (len(ch_mult) - 1)
     assert h.shape == (3, 16 * ch_mult[-1], r, r)
     head = dmd2.ImageHead(h.shape[1], r)
-    assert head(h).shape == (3,)
+    assert head.body(h).shape == (3, 1, 1, 1) and head(h).shape == (3,)  # one logit, DMD2's 1x1 map
     # the bottleneck is what the forward pass carries through the middle block
     caught = []
     net.mid[-1].register_forward_hook(lambda module, args, out: caught.append(out))

@@ -40,7 +40,7 @@ def test_offline_classifier_learns_fashion_mnist_in_seconds():
     seconds = time.perf_counter() - start
     accuracy = classifier_accuracy(model, x_test[:2000], y_test[:2000])
     assert accuracy > 0.70, accuracy  # measured 0.75-0.78 with 300 steps of batch 64 on 5000 images
-    assert seconds < 60, seconds
+    assert seconds < 90, seconds  # on one core (the tests run one worker per core)
     assert model.features(x_test[:4].float() / 127.5 - 1).shape == (4, 128)
 
 

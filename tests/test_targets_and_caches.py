@@ -148,7 +148,8 @@ def test_recording_and_the_fake_update_draw_from_one_function(tmp_path, toy_teac
     config = disback_config(tmp_path, toy_teacher, steps=4, snapshots=2, record_iterations=6, dmd_iterations=2,
                             fake_updates=3, reg_weight=0.0, eval_every=2)
     disback.train_disback(config)
-    assert calls == [("disback", 4)] * 6 + [("dmd", 4)] * (2 * 3), calls
+    # six recording updates, the path's diagnostic (disback.path_losses), then the fake score's updates
+    assert calls == [("disback", 4)] * (6 + 1) + [("dmd", 4)] * (2 * 3), calls
 
 
 # ----------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ import progressive_distill  # noqa: E402
 import train_teacher  # noqa: E402
 from common import Denoiser, diffusion_loss, trainable_copy  # noqa: E402
 from plumbing.config import sample_shape  # noqa: E402
+from plumbing.errors import UserError  # noqa: E402
 from plumbing.networks import build_network  # noqa: E402
 from plumbing.training import autocast, optimizer_step, pick_device, prepare_network, run_cli  # noqa: E402
 
@@ -329,13 +330,18 @@ def main(argv=None) -> None:
     parser.add_argument("--minutes", type=float, default=8.0, help="the whole check's time budget (default 8)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     parser.add_argument("--data-dir", default=None, help="where Fashion-MNIST's .gz files are (else Debian's package)")
-    parser.add_argument("--out-dir", default="runs/gpu_check", help="the pipeline's run folder (emptied first)")
+    parser.add_argument("--out-dir", default="runs/gpu_check", help="run folder (emptied if this check made it)")
     parser.add_argument("--docs", default=str(HERE.parent / "docs"), help="where results-gpu.md/.json go (docs/)")
     parser.add_argument("--tiny", action="store_true", help="tiny networks and a few updates: the tests' settings")
     args = parser.parse_args(argv)
     device, budget, start = pick_device(args.device), args.minutes * 60, time.perf_counter()
-    if Path(args.out_dir).exists():
-        shutil.rmtree(args.out_dir)  # the check always starts afresh
+    out, marker = Path(args.out_dir), Path(args.out_dir) / ".gpu_check"
+    if out.exists() and any(out.iterdir()) and not marker.exists():  # a folder it did not make is never emptied
+        raise UserError(f"--out-dir {out} holds files this check did not write; give an empty or new folder")
+    if out.exists():
+        shutil.rmtree(out)  # the check always starts afresh
+    out.mkdir(parents=True)
+    marker.write_text("written by tools/gpu_check.py, which empties this folder when it runs again\n")
     network = TINY_NET if args.tiny else {}
     print(f"GPU check on {device}, budget {args.minutes:g} minutes\n== part 1: training speed of the cifar10 network")
     speed = speed_part(args, device, 0.2 if args.tiny else SPEED_SHARE * budget / 6, network)

@@ -1,0 +1,224 @@
+"""Bad input and lost work. A battery of ordinary mistakes, each run as its command line runs it (`run_cli`):
+every one gets one line, `error: ...` with exit status 2 and no traceback, that says what to do. And the
+ways a run could lose a user's work: a second run into a held folder, a named teacher trained over, Ctrl-C,
+a damaged checkpoint. Fast: the runs here take a few updates of a 32-wide toy network."""
+
+import fcntl
+import gzip
+import os
+import signal
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import disback
+import dmd
+import evaluate
+import guided_distill
+import progressive_distill
+import train_teacher
+from conftest import log_records, with_teacher
+from plumbing.data import load_fashion_mnist
+from plumbing.errors import UserError
+from plumbing.folders import dmd_dir
+from plumbing.training import load_checkpoint, run_cli, save_checkpoint
+from train_teacher import TeacherConfig
+
+SCRIPTS = {"train_teacher": train_teacher, "pd": progressive_distill, "guided": guided_distill, "dmd": dmd,
+           "disback": disback, "evaluate": evaluate}
+TINY = dict(hidden=32, iterations=5, device="cpu")  # a toy teacher of 5 updates, 32 wide
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A folder holding teacher.pt: 5 updates of a 32-wide MLP (no evaluation), in about a second."""
+    folder = tmp_path_factory.mktemp("tiny_teacher")
+    train_teacher.train_teacher(TeacherConfig.from_preset("toy", out_dir=str(folder), **TINY))
+    return folder
+
+
+@pytest.fixture
+def files(tmp_path, tiny_teacher):
+    """What the battery points at: a plain file, and checkpoints that are not teachers."""
+    (tmp_path / "a_file").write_text("not a folder\n")
+    config = TeacherConfig.from_preset("toy", out_dir=str(tmp_path))
+    for kind in ("dmd", "student_4", "stage1"):
+        save_checkpoint(tmp_path / f"{kind}.pt", {"kind": kind, "config": config, "step": 3})
+    return tmp_path
+
+
+def cli(capsys, script: str, argv: list) -> tuple[int, list[str]]:
+    """A script's command line, in this process: its exit status and the lines it wrote to stderr."""
+    with pytest.raises(SystemExit) as exit:
+        run_cli(lambda: SCRIPTS[script].main(argv))
+    return exit.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+BATTERY = [  # (script, arguments after --preset toy --device cpu --out-dir <tmp>/run, what the one line says)
+    ("train_teacher", ["--device", "gpu"], "unknown --device 'gpu'"),
+    ("dmd", ["--device", "cuda:x"], "unknown --device 'cuda:x'"),
+    ("train_teacher", ["--devcie", "cpu"], "unrecognized arguments: --devcie cpu; did you mean --device?"),
+    ("evaluate", ["--num-sampels", "2"], "did you mean --num-samples?"),
+    ("pd", ["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    ("train_teacher", ["--out-dir", ""], "--out-dir is empty"),
+    ("dmd", ["--teacher", ""], "--teacher is empty"),
+    ("train_teacher", ["--out-dir", "{tmp}/a_file"], "a_file is a file, not a folder"),
+    ("dmd", ["--out-dir", "{tmp}/a_file/run"], "a_file is a file, not a folder"),
+    ("train_teacher", ["--seed", "-1"], "--seed must be 0 or more"),
+    ("train_teacher", ["--ema-decay", "1.0"], "--ema-decay must be in [0, 1)"),
+    ("train_teacher", ["--grad-clip", "-1"], "--grad-clip must be above 0"),
+    ("pd", ["--hidden", "0"], "--hidden must be at least 1"),
+    ("train_teacher", ["--depth", "0"], "--depth must be at least 1"),
+    ("train_teacher", ["--eval-samples", "1"], "--eval-samples must be at least 2"),
+    ("train_teacher", ["--ckpt-seconds", "0"], "--ckpt-seconds must be at least 1"),
+    ("train_teacher", ["--preset", "fmnist16", "--image-size", "32"], "--attn-res 8: no such resolution"),
+    ("guided", ["--eval-ws", "0", "6"], "--eval-ws 6: outside the trained range [0, 4]"),
+    ("dmd", ["--tag", "a/b"], "use no path separators"),
+    ("disback", ["--tag", "../b"], "use no path separators"),
+    ("dmd", ["--reg-pairs", "0"], "needs --reg-pairs and --reg-steps of at least 1"),
+    ("dmd", ["--dmd-label-dropout", "2"], "--dmd-label-dropout must be in [0, 1]"),
+    ("dmd", ["--teacher", "{tmp}/missing.pt"], "no teacher at"),
+    ("pd", ["--teacher", "{tmp}/missing.pt"], "leave --teacher out to train one"),
+    ("dmd", ["--teacher", "{tmp}/dmd.pt"], "is a DMD or DisBack run's checkpoint, not a teacher"),
+    ("pd", ["--teacher", "{tmp}/student_4.pt"], "is a distilled student, not a teacher"),
+    ("guided", ["--teacher", "{tmp}/stage1.pt"], "is guided distillation's stage-one student, not a teacher"),
+    ("train_teacher", ["--resume"], "nothing to resume"),
+    ("pd", ["--resume"], "nothing to resume"),
+    ("guided", ["--resume"], "nothing to resume"),
+    ("disback", ["--resume"], "nothing to resume"),
+]
+
+
+@pytest.mark.parametrize("script,args,message", BATTERY, ids=[f"{s} {' '.join(a)}" for s, a, _ in BATTERY])
+def test_every_bad_input_is_one_line(script, args, message, files, capsys):
+    args = [a.format(tmp=files) for a in args]
+    status, lines = cli(capsys, script, ["--preset", "toy", "--device", "cpu", "--out-dir", str(files / "run"), *args])
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def write_idx(path, array, gz=True):
+    head = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    (gzip.open if gz else open)(path, "wb").write(head + array.astype("uint8").tobytes())
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("not gzip", "cannot be read"),
+    ("cut short", "not an idx file"),
+    ("counts differ", "do not make a Fashion-MNIST set (10 images of (28, 28) pixels, 9 labels"),
+])
+def test_bad_fashion_mnist_files_are_one_line(tmp_path, damage, message):
+    import numpy as np
+
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((10, 28, 28)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(9 if damage == "counts differ" else 10))
+    if damage == "not gzip":
+        (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"<html>a login page</html>")
+    if damage == "cut short":
+        data = gzip.decompress((tmp_path / "train-images-idx3-ubyte.gz").read_bytes())
+        (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(data[:1000]))
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_fashion_mnist(str(tmp_path), download=False)
+
+
+# ==== Work never lost =================================================================================================
+
+
+def test_a_run_folder_is_held_by_one_run(tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    other = open(folder / ".lock", "a+")  # another run holds the folder (flock: per open file, as per process)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    args = ["--preset", "toy", "--out-dir", str(folder), "--hidden", "32", "--iterations", "3", "--eval-steps", "1",
+            "--eval-samples", "20", "--device", "cpu"]
+    status, lines = cli(capsys, "train_teacher", args)
+    assert status == 2 and len(lines) == 1 and f"{folder} is in use by another run" in lines[0], lines
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # nothing written, no log truncated
+    other.close()  # that run ends (or is killed): the kernel lets go of its lock
+    train_teacher.main(args)
+    assert load_checkpoint(folder / "teacher.pt")["step"] == 3
+
+
+def test_a_named_teacher_is_read_never_written(tmp_path, tiny_teacher, capsys):
+    named = tmp_path / "mine" / "teacher_v2.pt"
+    named.parent.mkdir()
+    named.write_bytes((tiny_teacher / "teacher.pt").read_bytes())
+    before = named.read_bytes()
+    args = ["--preset", "toy", "--device", "cpu", "--out-dir", str(tmp_path / "run"), "--teacher", str(named),
+            "--hidden", "32", "--iterations", "50", "--dmd-iterations", "2", "--dmd-batch-size", "32",
+            "--eval-every", "2", "--eval-samples", "20", "--eval-steps", "1", "--reg-pairs", "16", "--reg-steps", "2"]
+    dmd.main(args)  # the teacher has 5 updates of --iterations 50: it is used as it is, not trained further
+    assert named.read_bytes() == before
+    assert not (tmp_path / "run" / "teacher.pt").exists()
+    assert (dmd_dir(dmd.DMDConfig.from_preset("toy", out_dir=str(tmp_path / "run"))) / "checkpoint.pt").exists()
+
+
+def dmd_config(folder, teacher_folder, **overrides):
+    folder = with_teacher(folder, teacher_folder)
+    return dmd.DMDConfig.from_preset("toy", **{
+        **TINY, "out_dir": str(folder), "eval_samples": 20, "eval_steps": [1], "log_every": 2, "ckpt_every": 1000,
+        "dmd_iterations": 12, "eval_every": 12, "fake_updates": 1, "dmd_batch_size": 32, "reg_pairs": 16,
+        "reg_steps": 2, **overrides})
+
+
+def test_ctrl_c_saves_the_update_and_resume_ends_equal(tmp_path, tiny_teacher, monkeypatch, capsys):
+    whole = dmd_config(tmp_path / "whole", tiny_teacher)
+    dmd.train_dmd(whole)
+    part = dmd_config(tmp_path / "part", tiny_teacher)
+    real, calls = dmd.dmd_generator_loss, []
+
+    def ctrl_c_at_7(*args, **kwargs):  # Ctrl-C in the middle of the 7th update
+        calls.append(1)
+        if len(calls) == 7:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dmd, "dmd_generator_loss", ctrl_c_at_7)
+    with pytest.raises(SystemExit) as exit:
+        run_cli(lambda: dmd.train_dmd(part))
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    path = dmd_dir(part) / "checkpoint.pt"
+    assert exit.value.code == 130 and err == (f"interrupted: DMD 1-step saved at update 7 in {path}; "
+                                              "rerun the command with --resume to continue"), err
+    assert load_checkpoint(path)["step"] == 7  # ckpt_every is 1000: the update under way was saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
+    dmd.train_dmd(part, resume=True)
+    assert "resuming DMD 1-step at update 7" in capsys.readouterr().out
+    a, b = load_checkpoint(dmd_dir(whole) / "checkpoint.pt"), load_checkpoint(path)
+    for key in ("generator", "fake_score"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert log_records(dmd_dir(part)) == log_records(dmd_dir(whole))
+
+
+def test_a_long_update_gap_is_checkpointed_by_the_clock(tmp_path, tiny_teacher, monkeypatch):
+    from plumbing import loop
+
+    clock = iter(range(0, 10_000, 50))  # every look at the loop's clock: 50 s later
+    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=lambda: next(clock), perf_counter=time.perf_counter,
+                                                      localtime=time.localtime, strftime=time.strftime, time=time.time))
+    config = dmd_config(tmp_path, tiny_teacher, ckpt_seconds=120, dmd_iterations=4, eval_every=4)
+    saved = []
+    monkeypatch.setattr(loop.Loop, "checkpoint", lambda self: saved.append(self.step))
+    dmd.train_dmd(config)
+    assert saved == [3, 4]  # 150 s after the start; then the last update (checkpoint_at_end)
+
+
+def test_checkpoints_follow_the_umask_and_refuse_damage(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ck.pt", {"kind": "teacher", "w": torch.ones(3), "step": 1})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "ck.pt").stat().st_mode & 0o777 == 0o644  # a group's shared runs/ can read it
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)
+    state["w"][1] = 7.0  # a flipped weight: still a valid torch.save file
+    torch.save(state, tmp_path / "flipped.pt")
+    with pytest.raises(UserError, match="flipped.pt is damaged: its tensors no longer match the checksum"):
+        load_checkpoint(tmp_path / "flipped.pt", "teacher checkpoint")
+    data = (tmp_path / "ck.pt").read_bytes()
+    (tmp_path / "short.pt").write_bytes(data[: len(data) // 2])  # a copy that did not finish
+    with pytest.raises(UserError, match="short.pt is cut short or damaged.*copy it again, or delete it"):
+        load_checkpoint(tmp_path / "short.pt", "teacher checkpoint")
+    assert load_checkpoint(tmp_path / "ck.pt")["step"] == 1

@@ -1,0 +1,78 @@
+"""What each step of a K-step DMD generator contributes: the quality of its k-th x prediction.
+
+DMD2's K-step generator predicts x at t_0 = 1, re-noises it to t_1, predicts again, ..., and its sample
+is the last prediction. Every prediction is trained to look like data (backward simulation, dmd.py), so
+each can be measured on its own: sample the first k steps on the shared evaluation noise, then take
+the k-th step's prediction x_hat(z_{t_k}, t_k). The teacher's network in the same chain is G_0, the
+generator before any update. Writes <run folder>/steps.json and prints one table.
+
+    python tools/dmd_steps.py --preset fmnist16 --steps 4            # the run folder dmd2_4step
+    python tools/dmd_steps.py --preset fmnist16 --steps 4 --recipe dmd --tag grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import dmd  # noqa: E402
+from plumbing.folders import dmd_dir  # noqa: E402
+from plumbing.metrics import evaluate_sampler, quality_key  # noqa: E402
+from plumbing.networks import frozen_denoiser  # noqa: E402
+from plumbing.training import fingerprint, load_checkpoint, pick_device, run_cli, write_json  # noqa: E402
+from train_teacher import load_teacher  # noqa: E402
+
+
+@torch.no_grad()
+def prediction_at(generator, z: torch.Tensor, labels: torch.Tensor, steps: int, k: int) -> torch.Tensor:
+    """The k-th step's x prediction (k = K - 1: the sample itself)."""
+    z_k, t_k = dmd.generate(generator, z, labels, steps, first=k)
+    return generator(z_k, torch.full((len(z),), t_k, device=z.device), labels)
+
+
+def measure(model, config: dmd.DMDConfig, folder: Path, device, name: str) -> list[dict]:
+    rows = []
+    for k, t_k in enumerate(dmd.generator_times(config.steps)):
+        result = evaluate_sampler(lambda z, c, n, k=k: prediction_at(model, z, c, config.steps, k), config,
+                                  folder / f"{name}_step{k}", [config.steps], device,
+                                  weights=f"{name} step {k} of {config.steps}:{fingerprint(model.state_dict())}")
+        rows.append({"k": k, "t_k": t_k, **result[config.steps]})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="fmnist16")
+    parser.add_argument("--steps", type=int, default=4, help="generator steps K of the run (default 4)")
+    parser.add_argument("--recipe", default=None, help="the run's recipe (default: the preset's)")
+    parser.add_argument("--tag", default="", help="the run's --tag")
+    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    config = dmd.DMDConfig.from_preset(args.preset, steps=args.steps, tag=args.tag, device=args.device,
+                                       **({"out_dir": args.out_dir} if args.out_dir else {}),
+                                       **({"recipe": args.recipe} if args.recipe else {}))
+    device, out = pick_device(args.device), dmd_dir(config)
+    state = load_checkpoint(out / "checkpoint.pt", "DMD checkpoint")
+    generator = frozen_denoiser(config, (state.get("ema") or {}).get("model") or state["generator"], device)
+    teacher = load_teacher(config, device, train_if_missing=False)
+    rows = {"G_0 (the teacher)": measure(teacher, config, out / "steps", device, "teacher"),
+            f"generator after {state['step']} updates": measure(generator, config, out / "steps", device, "generator")}
+    write_json(out / "steps.json", rows)
+    key = quality_key(rows["G_0 (the teacher)"][0])
+    extra = "accuracy" if "accuracy" in rows["G_0 (the teacher)"][0] else "off_mode"
+    print(f"{key} ({extra}) of each step's x prediction, {out}")
+    print("| | " + " | ".join(f"step {r['k']} (t = {r['t_k']:g})" for r in rows["G_0 (the teacher)"]) + " |")
+    print("|---|" + "---|" * config.steps)
+    for name, rs in rows.items():
+        print(f"| {name} | " + " | ".join(f"{r[key]:.3g} ({r[extra]:.1%})" for r in rs) + " |")
+
+
+if __name__ == "__main__":
+    run_cli(main)
