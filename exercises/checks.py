@@ -95,7 +95,7 @@ def trusted() -> dict:
     state.update({(torch.autograd, name): getattr(torch.autograd, name) for name in ("grad", "backward")})
     for owner in owners:
         state.update({(owner, name): value for name, value in vars(owner).items()})
-        state[owner, None] = len(vars(owner))
+        state[owner, None] = overriding(owner)
     functions = [v for owner in (closed_forms, this) for v in vars(owner).values() if inspect.isfunction(v)]
     functions += [fn for listed in CHECKS.values() for _, fn in listed]
     state.update({(fn, "__code__"): fn.__code__ for fn in functions})
@@ -105,10 +105,19 @@ def trusted() -> dict:
 TRUSTED: dict = {}  # trusted(), once the checks are registered (at the end of this file)
 
 
+def overriding(owner) -> int:
+    """How many callables a class defines that change behaviour: operators (dunders) and methods that shadow a
+    base class's. Other names that Python or torch add on their own (a class's `__annotations__`, caches) do not
+    count; for a module, none does."""
+    bases = getattr(owner, "__mro__", (owner,))[1:]
+    return sum(1 for k, v in vars(owner).items() if callable(v) and isinstance(owner, type)
+               and (k.startswith("__") and k.endswith("__") or any(k in vars(b) for b in bases)))
+
+
 def now(owner, name):
     if name == "__code__" and inspect.isfunction(owner):
         return owner.__code__
-    return len(vars(owner)) if name is None else vars(owner).get(name, TRUSTED)
+    return overriding(owner) if name is None else vars(owner).get(name, TRUSTED)
 
 
 def tampered() -> str:
