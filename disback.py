@@ -48,11 +48,11 @@ from dmd import (DMDConfig, Variant, adamw, check_null_label, fake_score_loss, g
                  sample_labels, train_dmd)
 from plumbing.config import parse_config, sample_shape
 from plumbing.errors import UserError, require
-from plumbing.folders import disback_dir
+from plumbing.folders import check_start, disback_dir
 from plumbing.loop import Loop
 from plumbing.metrics import image_batch
 from plumbing.reports import compare_with_dmd
-from plumbing.training import (check_same_teacher, load_checkpoint, optimizer_step, pick_device, run_cli,
+from plumbing.training import (cached, check_same_teacher, load_checkpoint, optimizer_step, pick_device, run_cli,
                                save_checkpoint, seed_everything, write_json)
 from train_teacher import TeacherConfig, load_teacher
 
@@ -194,15 +194,16 @@ def train_disback(config: DisBackConfig, resume: bool = False) -> dict:
     device = pick_device(config.device)
     out = disback_dir(config)
     started = (out / "checkpoint.pt").exists() or any((out / "snapshots").glob("*.pt"))
-    if started and not resume:
-        raise UserError(f"{out} holds an earlier run; pass --resume to continue it, or --tag for a new run")
-    require(started or not resume, f"nothing to resume in {out}; run the command without --resume to start")
+    check_start(out, started, resume, "--tag")
     check_null_label(config)  # before the path is recorded
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
     paths = record_degradation(teacher, config, device, out / "snapshots") if config.snapshots else []
     path = BacktrackingPath(teacher, paths, config.interval)
     fake_start = load_checkpoint(paths[-1], "DisBack snapshot")["model"] if paths else None  # s'_N
-    diagnostic = path_losses(teacher, paths, config, device) if paths else None
+    key = {"teacher": teacher.fingerprint, **{k: config[k] for k in PATH_KEYS}}  # what the path depends on
+    diagnostic = None if not paths else {  # made once, not at every resume
+        k: v for k, v in cached(out / "path_losses.pt", key, lambda: path_losses(teacher, paths, config, device),
+                                "DisBack path diagnostic").items() if k != "key"}
     if diagnostic is not None:
         print("the path's denoising loss on G_0's samples, s'_0 (the teacher) to s'_N: "
               + " ".join(f"{v:.4f}" for v in diagnostic["losses"])

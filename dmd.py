@@ -36,6 +36,8 @@ Deliberate differences from the papers:
   teacher's ODE sampler; a re-implementation used 18 Heun steps), and for K > 1 the
   regression pins the generator's first step from pure noise.
 - An EMA of the generator (`--gen-ema`) is evaluated.
+- Backward simulation draws k for each sample; DMD2's code draws one k per batch, which at our
+  learning rates makes the fake score chase one step at a time (`backward_simulation`).
 - The gradient is the papers' pseudo-code, (mu_fake - mu_real) / mean |x - mu_real|. With Eq. (7)
   and (8) under this cosine schedule it would carry a factor alpha_t (docs/methods.md [3.5]); the
   papers' teachers have alpha_t = 1.
@@ -69,7 +71,7 @@ from dmd2 import DMD2_RECIPE, GAN
 from plumbing.config import parse_config, sample_shape
 from plumbing.distributed import per_process
 from plumbing.errors import UserError, require
-from plumbing.folders import dmd_dir, hold, teacher_dir
+from plumbing.folders import cache_dir, check_start, dmd_dir, hold
 from plumbing.image_metrics import load_lpips
 from plumbing.loop import Loop
 from plumbing.metrics import image_batch
@@ -235,12 +237,26 @@ def generate(generator, z: torch.Tensor, labels: torch.Tensor, steps: int, first
     ### END SOLUTION
 
 
+@torch.no_grad()
 def backward_simulation(generator, z: torch.Tensor, labels: torch.Tensor, steps: int):
-    """DMD2's backward simulation: k ~ U{0..K-1}; the first k steps run from pure noise without
-    gradient. Returns the latent z_{t_k} (B, ...) and t_k (B,) that the trained k-th step starts from."""
-    k = int(torch.randint(steps, ()))
-    z_k, t_k = generate(generator, z, labels, steps, first=k)
-    return z_k, torch.full((z.shape[0],), t_k, device=z.device)
+    """DMD2's backward simulation: k ~ U{0..K-1}, drawn for each sample; the first k steps run from pure noise
+    without gradient, as `generate` runs them. Returns the latents z_{t_k} (B, ...) and times t_k (B,) that the
+    trained k-th step starts from. (DMD2's code draws one k per batch, shared by every GPU; at its learning rate of
+    5e-7 the fake score averages many batches, but at ours it chases the last batch's step, and a per-batch k loses
+    modes: docs/results.md, "DMD2's 4-step generator".)"""
+    n, times = z.shape[0], generator_times(steps)
+    if steps == 1:  # nothing to simulate (the one draw keeps one-step runs' random stream as it was measured)
+        torch.randint(1, ())
+        return z, torch.ones(n, device=z.device)
+    k = torch.randint(steps, (n,)).to(z.device)  # (B,): each sample's step
+    z_k, idx, z_t = z.clone(), torch.arange(n, device=z.device), z  # z_{t_0} = pure noise; idx: still running
+    for j in range(1, int(k.max()) + 1):  # step j - 1 of the sampler, run for the samples with k >= j only
+        keep = k[idx] >= j
+        idx, z_t = idx[keep], z_t[keep]
+        x = generator(z_t, torch.full((len(idx),), times[j - 1], device=z.device), labels[idx])
+        z_t = diffuse(x, times[j], torch.randn_like(x))  # re-noised with fresh noise to t_j
+        z_k[idx[k[idx] == j]] = z_t[k[idx] == j]
+    return z_k, torch.tensor(times, device=z.device)[k]
 
 
 @torch.no_grad()
@@ -268,7 +284,8 @@ REGRESSION_KEYS = ("reg_pairs", "reg_steps", "real_guidance", "dmd_label_dropout
 
 def regression_pairs(teacher, config: DMDConfig, device) -> dict:
     """{z, labels, y}: y_ref = the real score's `reg_steps`-step DDIM from z_ref, in fp32. Made once with a
-    progress bar and cached beside the teacher, keyed on its weights and on REGRESSION_KEYS."""
+    progress bar and cached (`cache_dir`: beside the run's own teacher), keyed on its weights and on
+    REGRESSION_KEYS."""
 
     def make():
         g = torch.Generator().manual_seed(config.seed + 777)
@@ -284,7 +301,7 @@ def regression_pairs(teacher, config: DMDConfig, device) -> dict:
     name = (f"regression_{config.reg_pairs}x{config.reg_steps}_null{config.dmd_label_dropout:g}"
             f"_w{config.real_guidance:g}.pt")
     key = {"teacher": teacher.fingerprint, **{k: config[k] for k in REGRESSION_KEYS}}
-    return cached(teacher_dir(config) / name, key, make, "regression set")
+    return cached(cache_dir(config) / name, key, make, "regression set")
 
 
 def real_score_of(teacher, config: DMDConfig):
@@ -360,10 +377,7 @@ def train_dmd(config: DMDConfig, resume: bool = False, variant: Variant | None =
     """The loop above; DisBack runs it with its `variant` (disback.py)."""
     variant, device = variant or Variant(), pick_device(config.device)
     out = variant.out or dmd_dir(config)
-    if (out / "checkpoint.pt").exists() and not resume:  # checked, like the rest, before any teacher training
-        raise UserError(f"{out} holds an earlier run; pass --resume to continue it, or --tag for a new run")
-    require((out / "checkpoint.pt").exists() or not resume,
-            f"nothing to resume in {out}; run the command without --resume to start")
+    check_start(out, (out / "checkpoint.pt").exists(), resume, "--tag")  # like the rest, before any teacher work
     check_null_label(config)
     hold(out)  # the run folder is this run's alone
     lpips = load_lpips(config, device) if config.reg_weight > 0 and config.reg_loss == "lpips" else None

@@ -69,14 +69,16 @@ class EvalConfig(TeacherConfig):
         super().check()
         require(self.num_samples >= 2 and self.speed_batch >= 1,
                 "--num-samples must be at least 2 and --speed-batch at least 1")
+        require(all(n >= 1 for n in self.teacher_steps), f"--teacher-steps must all be at least 1, got "
+                f"{' '.join(map(str, self.teacher_steps))}")
 
 
 NETWORK_KEYS = NetworkConfig.network_keys()  # what every student must share with the teacher
-METHODS = {  # name: (folder glob, the command that makes it)
-    "PD": ("pd", "python progressive_distill.py --preset {preset}"),
-    "guided": ("guided", "python guided_distill.py --preset {preset}"),
-    "DMD": ("dmd*_*step*", "python dmd.py --preset {preset} --steps 1"),
-    "DisBack": ("disback_*step*", "python disback.py --preset {preset} --steps 1"),
+METHODS = {  # name: (folder glob, the script and flags that make it)
+    "PD": ("pd", ("progressive_distill.py",)),
+    "guided": ("guided", ("guided_distill.py",)),
+    "DMD": ("dmd*_*step*", ("dmd.py", "--steps", "1")),
+    "DisBack": ("disback_*step*", ("disback.py", "--steps", "1")),
 }
 
 
@@ -115,6 +117,19 @@ def prepared(model, config: EvalConfig, device):
     return model
 
 
+def lineage(state: dict, teacher: Denoiser, path: Path) -> str:
+    """'' for a student of this teacher; otherwise a mark for its row (and a printed line): the student was
+    distilled from other weights (another teacher, or this one before it trained further), or is older than the
+    record."""
+    own = state.get("teacher")
+    if own == teacher.fingerprint:
+        return ""
+    mark = " [teacher not recorded]" if own is None else " [another teacher]"
+    print(f"note: {path} was distilled from " + ("a teacher it does not record" if own is None else
+          f"other teacher weights ({own}, not {teacher.fingerprint})") + "; its row is marked" + mark)
+    return mark
+
+
 def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row], list[str]]:
     """Every sampler there is, and the methods that have no checkpoint yet."""
     out = Path(config.out_dir)
@@ -130,9 +145,10 @@ def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row],
                     state = load_checkpoint(path, f"{method} student")
                     check_compatible(state["config"], config, NETWORK_KEYS, f"{method} student", path)
                     n, trained = state["steps"], state["config"]
+                    mark = lineage(state, teacher, path)
                     if method == "PD":
                         model = prepared(frozen_denoiser(config, state["model"], device), config, device)
-                        found.append(Row("PD", n, n, ddim_sampler(model), str(path),
+                        found.append(Row("PD" + mark, n, n, ddim_sampler(model), str(path),
                                          f"ddim:{fingerprint(model.state_dict())}"))
                         continue
                     w = config.guided_w
@@ -143,7 +159,7 @@ def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row],
                     model = prepared(frozen_denoiser(config, state["model"], device, w_embedding=True), config, device)
                     fn = guided_sampler(model, w)
                     single = "" if trained.get("single_w") is None else ", single-w"
-                    found.append(Row(f"guided (w = {w:g}{single})", n, n, fn, str(path), conditional=True))
+                    found.append(Row(f"guided (w = {w:g}{single}){mark}", n, n, fn, str(path), conditional=True))
         else:
             for folder in sorted(out.glob(pattern)):
                 path = folder / "checkpoint.pt"
@@ -160,14 +176,15 @@ def find_rows(config: EvalConfig, teacher: Denoiser, device) -> tuple[list[Row],
                 name = ("DMD2" if method == "DMD" and recipe == "dmd2" else
                         f"{method} (DMD2)" if recipe == "dmd2" else method) + (f" ({tag})" if tag else "")
                 unfinished = state["step"] < state["config"]["dmd_iterations"]
-                found.append(Row(name + (f" [update {state['step']}]" if unfinished else ""), k, k, fn, str(path),
+                name += (f" [update {state['step']}]" if unfinished else "") + lineage(state, teacher, path)
+                found.append(Row(name, k, k, fn, str(path),
                                  f"generator {k}:{fingerprint(model.state_dict())}"))
         if found:
             rows += found
         elif method == "guided" and is_pretrained(config):
             missing.append("guided: not possible (it needs a class-conditional teacher with a null label)")
         elif not any(m.startswith(pattern) for m in missing):
-            missing.append(f"{method}: missing (make it with `{command.format(preset=config.preset)}`)")
+            missing.append(f"{method}: missing (make it with `{config.command(*command)}`)")
     return rows, missing
 
 
@@ -185,8 +202,8 @@ def evaluate_all(config: EvalConfig) -> dict:
     known = is_pretrained(config) or Path(config.teacher).exists()
     teacher = load_teacher(config, device, train_if_missing=False) if known else None
     if teacher is None:
-        raise UserError(f"no teacher at {config.teacher}; train it with `python train_teacher.py --preset "
-                        f"{config.preset}` (evaluate.py trains nothing)")
+        raise UserError(f"no teacher at {config.teacher}; train it with `{config.command('train_teacher.py')}` "
+                        "(evaluate.py trains nothing)")
     start = time.perf_counter()
     rows, missing = find_rows(config, teacher, device)
     toy = config.net == "mlp"
@@ -226,7 +243,7 @@ def write_results(config: EvalConfig, rows: list[Row], missing: list[str], devic
     ref = next((r for r in rows if r.method == "teacher DDIM" and r.steps == 256), None)
     ref_speed = ref.metrics["samples_per_s"] if ref else None
     lines = [f"# Results: preset `{config.preset}`", "",
-             f"Measured by `python evaluate.py --preset {config.preset}` on {device_name(device)} in "
+             f"Measured by `{config.command('evaluate.py')}` on {device_name(device)} in "
              f"{seconds:.0f} s.", "",
              f"Protocol: {config.num_samples} samples per row from the shared evaluation noise "
              f"(seed {config.eval_seed}); " +

@@ -250,6 +250,7 @@ def guided_distillation(config: GuidedConfig, resume: bool = False) -> dict:
     device = pick_device(config.device)
     ladder = Ladder(guided_dir(config), config, resume)  # finished stages load, an interrupted one resumes
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
+    ladder.teacher = teacher.fingerprint  # every student records the teacher it descends from (evaluate.py)
     ladder.metrics.update(preset=config.preset, w_min=config.w_min, w_max=config.w_max, single_w=config.single_w,
                           reference_steps=GuidedEvaluator.REFERENCE_STEPS)
     evaluator = GuidedEvaluator(teacher, config, device, ladder.out, sample, resume)
@@ -292,8 +293,8 @@ def sample_command(config: GuidedConfig) -> Path:
                         "pick a w in it or distil a wider range (--w-min, --w-max)")
     path = guided_dir(config) / f"student_{steps}.pt"
     if not path.exists():
-        raise UserError(f"no {steps}-step student at {path}; run `python guided_distill.py --preset "
-                        f"{config.preset}` first, or pick --sample-steps from the saved rounds")
+        raise UserError(f"no {steps}-step student at {path}; run `{config.command('guided_distill.py')}` first, "
+                        "or pick --sample-steps from the saved rounds")
     student = load_student(path, config, device, w_embedding=True)
     toy = config.net == "mlp"
     n = config.eval_samples if toy else 8 * config.num_classes

@@ -237,6 +237,7 @@ def progressive_distillation(config: PDConfig, resume: bool = False) -> dict:
     device = pick_device(config.device)
     ladder = Ladder(pd_dir(config), config, resume)  # finished rounds load, an interrupted one resumes
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
+    ladder.teacher = teacher.fingerprint  # every student records the teacher it descends from (evaluate.py)
     ladder.metrics.update(preset=config.preset, start_steps=config.start_steps,
                           teacher_ddim=read_json(teacher_dir(config) / "metrics.json"))
     students = ladder.metrics.setdefault("students", {})

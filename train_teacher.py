@@ -99,7 +99,8 @@ def train_teacher(config: TeacherConfig, resume: bool = False,
     keys = (*NetworkConfig.network_keys(), *TeacherConfig.run_keys(RunConfig))  # what a resumed run must share
     loop = Loop(path, config, "teacher", config.iterations, {"model": model, "ema": ema, "opt": opt, "stream": stream},
                 "teacher", keys=keys, log=teacher_dir(config) / "log.jsonl", resume=resume, checkpoint_at_end=True,
-                kind="teacher", rerun=rerun)
+                kind="teacher", rerun=rerun,
+                new_run=None if is_default_teacher(config) else "another --teacher path")
     prepare_network(model, config, device)
     model.train()
     for step in loop:
@@ -187,6 +188,9 @@ def is_default_teacher(config: TeacherConfig) -> bool:
 
 def check_named_teacher(config: TeacherConfig) -> None:
     """A teacher named with --teacher must be there: it is never trained in its place."""
+    require(is_pretrained(config) or not Path(config.teacher).is_dir(),
+            f"--teacher {config.teacher} is a folder; name the checkpoint in it (e.g. "
+            f"{Path(config.teacher) / 'teacher.pt'})")
     require(is_pretrained(config) or is_default_teacher(config) or Path(config.teacher).exists(),
             f"no teacher at {config.teacher} (--teacher); check the path, or leave --teacher out to train one at "
             f"{Path(config.out_dir) / 'teacher.pt'}")
@@ -225,6 +229,9 @@ def load_teacher(config: TeacherConfig, device: torch.device, train_if_missing: 
                           rerun="rerun the command to continue (the teacher's training resumes by itself)")
             evaluate_teacher(config, device)
     state = read_teacher(path)
+    if state["step"] < state["config"]["iterations"] and not is_default_teacher(config):
+        print(f"note: the teacher {path} has {state['step']} of its {state['config']['iterations']} updates; a named "
+              "teacher is used as it is (continue it with `python train_teacher.py --teacher ... --resume`)")
     check_compatible(state["config"], config, NetworkConfig.network_keys(), "teacher checkpoint", path)
     teacher = frozen_denoiser(state["config"], state["ema"]["model"], device)
     teacher.checkpoint, teacher.fingerprint = str(path), fingerprint(state["ema"]["model"])  # what it is, for caches

@@ -621,6 +621,9 @@ def main(argv: list[str]) -> int:
                       + (f"; {folder} is not a folder" if folder is not None else ""))
                 return 2
             folder = Path(folder).resolve()
+            if not any((folder / f"{t}.py").exists() for t in TOPICS) and (folder / "exercises").is_dir():
+                print(f"error: --from {folder} holds no <topic>.py; a handout's are in {folder / 'exercises'}")
+                return 2
         elif a == "--time-limit":
             value = next(args, "")
             try:

@@ -269,6 +269,8 @@ def handout(folder: Path, force: bool = False) -> list[Path]:
     out = folder / "exercises"
     if folder == ROOT or ROOT in folder.parents:
         raise Refused(f"{folder} is inside the repository; give a folder outside it for the handout")
+    if folder.exists() and not folder.is_dir() or out.exists() and not out.is_dir():
+        raise Refused(f"{folder} is a file, not a folder; give a folder for the handout")
     rows = ["| topic | functions | what it covers |", "|---|---|---|"]
     rows += [f"| `{topic}` | {', '.join(f'`{n}`' for _, n in fs)} | {about} |" for topic, (about, fs) in TOPICS.items()]
     written = {out / f"{topic}.py": render(topic, handout=True) for topic in TOPICS}

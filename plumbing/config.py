@@ -31,6 +31,7 @@ import inspect
 import math
 import os
 import re
+import shlex
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,10 +245,32 @@ class RunConfig(NetworkConfig):
         for name in ("out_dir", "teacher", "data_dir"):  # "" is not a folder (and not "the default")
             require(self[name] is None or str(self[name]).strip() != "", f"{flag(name)} is empty; give a path, "
                     "or leave the flag out for its default")
+        for name in ("out_dir", "teacher", "data_dir"):  # '~' is the home folder, also where no shell expands it
+            if self[name] is not None and not str(self[name]).startswith("diffusers:"):
+                setattr(self, name, os.path.expanduser(str(self[name])))
         self.out_dir = str(self.out_dir or Path("runs") / self.preset)
         self.teacher = str(self.teacher or Path(self.out_dir) / "teacher.pt")
         self.data_dir = None if self.data_dir is None else str(self.data_dir)
         super().__post_init__()
+
+    def command(self, script: str, *extra: str) -> str:
+        """`python <script> --preset P ...` with this run's folders, data and network flags where they are not the
+        preset's, so that a command suggested to the user makes what this run looks for."""
+        preset = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                  for f in dataclasses.fields(self)}
+        for klass in reversed(type(self).__mro__):
+            preset.update(klass.__dict__.get("PRESETS", {}).get(self.preset, {}))
+        preset.update(out_dir=str(Path("runs") / self.preset), teacher=str(Path(self.out_dir) / "teacher.pt"))
+        words = ["python", script, "--preset", self.preset]
+        for name in (*self.network_keys(), "data_dir", "out_dir", "teacher"):
+            value = self[name]
+            if value == preset[name] or value is None:
+                continue
+            if isinstance(value, bool):
+                words.append(flag(name) if value else "--no-" + flag(name)[2:])
+            else:
+                words += [flag(name), *map(str, value if isinstance(value, list) else [value])]
+        return shlex.join([*words, *extra])
 
     def check(self) -> None:
         super().check()
@@ -335,4 +358,41 @@ def parse_config(cls, description: str, argv=None, flags: dict | None = None):
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                  if f.name != "preset" and getattr(args, f.name) is not None}
     config = cls.from_preset(resolve_preset(args.preset), **overrides)
+    PARSED[:] = [config]  # what an out-of-memory error names (`out_of_memory`)
     return config, {name: getattr(args, name) for name in flags}
+
+
+PARSED: list = []  # the config the command line made
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """The one line for an allocation that failed (None: `error` is something else): what was asked for and what
+    is free, the run's batch flags, and the fraction of a batch at which that allocation would fit."""
+    text = str(error)
+    if not (isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return None
+    asked = re.search(r"allocate (\d+) bytes", text) or re.search(r"allocate ([\d.]+) GiB", text)
+    tried = None if asked is None else float(asked.group(1)) * (1 if "bytes" in asked.group(0) else 2**30)
+    free = free_memory()
+    what = (f"an allocation of {tried / 2**30:.3g} GiB with {free / 2**30:.3g} GiB free" if tried and free else
+            "an allocation failed")
+    batches = [k for k in (PARSED[0].keys() if PARSED else [])
+               if k.endswith("batch_size") or k in ("speed_batch", "eval_samples", "num_samples")]
+    now = ", ".join(f"{flag(k)} {PARSED[0][k]}" for k in batches)
+    fits = (f" (an allocation that grows with a batch B fits below B x {free / tried:.3g})"
+            if tried and free and tried > free else "")
+    return f"out of memory: {what}; " + (f"the run's batch sizes are {now}: pass a smaller one{fits}" if batches else
+                                          f"pass a smaller batch size{fits}")
+
+
+def free_memory() -> int | None:
+    """Bytes of memory free now: the GPU's where one is in use, otherwise the machine's (None: unknown)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None

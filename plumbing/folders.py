@@ -35,6 +35,16 @@ def teacher_dir(config: dict) -> Path:
     return Path(config["teacher"]).with_suffix("")
 
 
+def cache_dir(config: dict) -> Path:
+    """Where what is made from the teacher and re-used (regression pairs, timings) is cached: beside the run's own
+    teacher, shared by the method scripts; for a teacher named with --teacher, in <out_dir>/teacher_<its name>/,
+    since a named teacher and its folder are only read."""
+    own = Path(config["teacher"]).resolve() == (Path(config["out_dir"]) / "teacher.pt").resolve()
+    if own or is_pretrained(config):
+        return teacher_dir(config)
+    return Path(config["out_dir"]) / f"teacher_{Path(config['teacher']).stem}"
+
+
 def pd_dir(config: dict) -> Path:
     return Path(config["out_dir"]) / "pd"
 
@@ -56,6 +66,15 @@ def disback_dir(config: dict) -> Path:
 def tagged(config: dict) -> str:
     """The run folder's suffix for --tag: '' or '_<tag>'."""
     return f"_{config['tag']}" if config["tag"] else ""
+
+
+def check_start(folder, started: bool, resume: bool | None, new_run: str = "--out-dir") -> None:
+    """Before any work: a folder that holds an earlier run (`started`) is continued only with --resume (`resume`
+    True, or None: either), and --resume needs one. `new_run`: how to start another run instead."""
+    if started and resume is False:
+        raise UserError(f"{folder} holds an earlier run; pass --resume to continue it, or {new_run} for a new run")
+    if not started and resume is True:
+        raise UserError(f"nothing to resume in {folder}; run the command without --resume to start")
 
 
 def hold(folder) -> None:

@@ -38,7 +38,7 @@ import torch
 
 from plumbing import distributed
 from plumbing.errors import UserError
-from plumbing.folders import hold
+from plumbing.folders import check_start, hold
 from plumbing.training import (LogWriter, check_compatible, load_checkpoint, progress, read_json, rng_state,
                                save_checkpoint, seed_everything, set_rng_state, write_json)
 
@@ -46,22 +46,18 @@ from plumbing.training import (LogWriter, check_compatible, load_checkpoint, pro
 class Loop:
     """`resume`: None continues a checkpoint at `path` if there is one; True continues one, which must be there
     (--resume); False starts afresh and refuses to overwrite one. `log`: a LogWriter the caller shares, or
-    where to write the log (default: beside the checkpoint). `rerun`: how to continue after Ctrl-C."""
+    where to write the log (default: beside the checkpoint). `rerun`: how to continue after Ctrl-C; `new_run`: how
+    to start another run instead of this one (default: --out-dir, or --tag where the config has one)."""
 
     def __init__(self, path, config: dict, phase: str, total: int, state: dict, desc: str, keys=(),
                  log: LogWriter | Path | None = None, checkpoint_at_end: bool = False, ckpt_every: int | None = None,
                  resume: bool | None = None, kind: str = "progress", shared: bool = False,
-                 rerun: str = "rerun the command with --resume to continue"):
+                 rerun: str = "rerun the command with --resume to continue", new_run: str | None = None):
         self.path, self.config, self.phase, self.total = Path(path), config, phase, total
         self.state, self.desc, self.keys, self.kind, self.shared = state, desc, keys, kind, shared
         hold(self.path.parent)  # before anything is written there
-        if self.path.exists() and resume is False:
-            new_run = "--tag or --out-dir" if config.get("tag") is not None else "--out-dir"
-            raise UserError(f"{self.path.parent} holds an earlier run; pass --resume to continue it, "
-                            f"or {new_run} for a new run")
-        if not self.path.exists() and resume is True:
-            raise UserError(f"nothing to resume: there is no checkpoint at {self.path}; run the command without "
-                            "--resume to start")
+        check_start(self.path.parent, self.path.exists(), resume,
+                    new_run or ("--tag or --out-dir" if config.get("tag") is not None else "--out-dir"))
         if not isinstance(log, LogWriter):
             log = LogWriter(log or self.path.parent / "log.jsonl", resume=self.path.exists())
         self.log_writer, self.rerun = log, rerun
@@ -222,20 +218,18 @@ class Ladder:
     distillation's stage one and rounds. `ladder.stage(name, train, load)` loads a finished stage
     instead of training it again; an interrupted one resumes from its own progress checkpoint (its
     `Loop`), with the log as it was when the last finished stage ended. `ladder.metrics` is the
-    run's metrics.json, kept across a resume; `ladder.save_metrics()` writes it."""
+    run's metrics.json, kept across a resume; `ladder.save_metrics()` writes it. `ladder.teacher` (the first
+    teacher's fingerprint, set by the caller) is saved with every stage, so a student knows its teacher."""
 
     def __init__(self, out: Path, config: dict, resume: bool):
         self.out, self.config = Path(out), config
         hold(self.out)
-        started = any(self.out.glob("*.pt"))
-        if started and not resume:
-            raise UserError(f"{self.out} holds an earlier run; pass --resume to continue it, "
-                            "or --out-dir for a new run")
-        if resume and not started and not (self.out / "log.jsonl").exists():  # a log: killed before a checkpoint
-            raise UserError(f"nothing to resume in {self.out}; run the command without --resume to start")
+        started = any(self.out.glob("*.pt"))  # with --resume, a log is enough: killed before a checkpoint
+        check_start(self.out, started or (resume and (self.out / "log.jsonl").exists()), resume)
         self.metrics = read_json(self.out / "metrics.json") if resume else {}
         self.log = LogWriter(self.out / "log.jsonl", resume=resume)
         self.logged: list = []  # the log as it was when the last finished stage ended
+        self.teacher: str | None = None
 
     def stage(self, name: str, train, load, **saved):
         """(model, seconds) of stage `name`: `load(path)` if it has finished, otherwise `train()` -> (model,
@@ -251,7 +245,8 @@ class Ladder:
         model, seconds = train()
         self.logged = self.log.records()
         save_checkpoint(path, {"kind": name, "config": self.config, **saved, "model": model.state_dict(),
-                               "seconds": seconds, "log": self.logged})
+                               "seconds": seconds, "log": self.logged,
+                               "teacher": self.teacher})
         (self.out / "progress.pt").unlink(missing_ok=True)
         return model, seconds
 

@@ -20,7 +20,7 @@ import torch
 from common import Denoiser, ddim_sample, diffuse, guided
 from plumbing.config import sample_shape
 from plumbing.data import toy_dataset
-from plumbing.folders import disback_dir, dmd_dir, teacher_dir
+from plumbing.folders import cache_dir, disback_dir, dmd_dir, teacher_dir
 from plumbing.image_metrics import image_quality
 from plumbing.metrics import (balanced_labels, describe, evaluate_sampler, in_batches, is_measured, picture_count,
                               quality_key, reference_metrics, sample_count, sampler_floor, stored_measurement,
@@ -326,7 +326,7 @@ def teacher_speed(teacher, config, device, z: torch.Tensor, labels: torch.Tensor
     """The teacher's `steps`-step DDIM samples/s on this batch. DDIM costs one network call per step, so
     `timed_steps` steps are timed and the rate scaled by timed_steps / steps (on images 256 steps would
     cost minutes on a CPU); cached beside the teacher (`cached`) per teacher, device type and batch size."""
-    path = teacher_dir(config) / f"speed_ddim{steps}_{torch.device(device).type}_batch{len(z)}.pt"
+    path = cache_dir(config) / f"speed_ddim{steps}_{torch.device(device).type}_batch{len(z)}.pt"
     timed = min(steps, timed_steps)
 
     def measure() -> dict:
@@ -415,9 +415,10 @@ def compare_with_dmd(config: dict, metrics: dict, keys) -> dict:
 def dmd_mismatch(config: dict, metrics: dict, dmd_metrics: dict, keys) -> str | None:
     """Why plain DMD's metrics.json is not this run's like (None: it is)."""
     if not dmd_metrics:
-        return (f"there is no finished DMD run in {dmd_dir(config)}; make one with the same settings "
-                f"(`python dmd.py --preset {config['preset']} --steps {config['steps']}"
-                f"{' --tag ' + config['tag'] if config['tag'] else ''} ...`)")
+        tagged = ("--tag", config["tag"]) if config["tag"] else ()
+        return (f"there is no finished DMD run in {dmd_dir(config)}; make one with the same settings (`"
+                f"{config.command('dmd.py', '--steps', str(config['steps']), '--recipe', config['recipe'], *tagged)}"
+                " ...`)")
     if "config" not in dmd_metrics:
         return "its metrics.json does not record its settings (an older version wrote it); run it again"
     if dmd_metrics.get("teacher") != metrics["teacher"]:

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from plumbing import distributed
+from plumbing.config import out_of_memory
 from plumbing.errors import UserError
 
 
@@ -38,6 +40,11 @@ def run_cli(main) -> None:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if (line := out_of_memory(e)) is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:  # a Loop stopped by Ctrl-C says what it saved; otherwise it stopped mid-update
         print(f"interrupted: {e}" if str(e) else "interrupted: rerun the command with --resume to continue from the "
@@ -162,6 +169,9 @@ def load_checkpoint(path, what: str = "checkpoint") -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found at {path}")
+    if (entry := damaged_entry(path)) is not None:  # a torch.save file is a zip: each entry has a CRC-32 (pickle too)
+        raise UserError(f"{what} at {path} is damaged: its {entry} no longer matches the CRC "
+                        "written with it; copy it again, or delete it and rerun to make it anew")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # never advise deleting a file this project did not write
@@ -184,6 +194,17 @@ def load_checkpoint(path, what: str = "checkpoint") -> dict:
         raise UserError(f"{what} at {path} is damaged: its tensors no longer match the checksum written with "
                         "them; copy it again, or delete it and rerun to make it anew")
     return state
+
+
+def damaged_entry(path: Path) -> str | None:
+    """The name of the first entry of a zip file whose bytes fail their CRC-32 (None: sound, or not a zip)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError):
+        return None  # not a whole zip: torch.load's own error follows
+    except zlib.error:
+        return "compressed data"
 
 
 def current_umask() -> int:

@@ -46,6 +46,8 @@ def files(tmp_path, tiny_teacher):
     config = TeacherConfig.from_preset("toy", out_dir=str(tmp_path))
     for kind in ("dmd", "student_4", "stage1"):
         save_checkpoint(tmp_path / f"{kind}.pt", {"kind": kind, "config": config, "step": 3})
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "my.pt").write_bytes((tiny_teacher / "teacher.pt").read_bytes())
     return tmp_path
 
 
@@ -85,9 +87,17 @@ BATTERY = [  # (script, arguments after --preset toy --device cpu --out-dir <tmp
     ("pd", ["--teacher", "{tmp}/student_4.pt"], "is a distilled student, not a teacher"),
     ("guided", ["--teacher", "{tmp}/stage1.pt"], "is guided distillation's stage-one student, not a teacher"),
     ("train_teacher", ["--resume"], "nothing to resume"),
+    ("train_teacher", ["--teacher", "{tmp}/mine/my.pt", "--hidden", "32"], "or another --teacher path"),
+    ("dmd", ["--teacher", "{tmp}/mine"], "is a folder; name the checkpoint in it (e.g. {tmp}/mine/teacher.pt)"),
+    ("evaluate", ["--teacher-steps", "0", "4"], "--teacher-steps must all be at least 1, got 0 4"),
     ("pd", ["--resume"], "nothing to resume"),
     ("guided", ["--resume"], "nothing to resume"),
     ("disback", ["--resume"], "nothing to resume"),
+    # a suggested command makes what this run looks for: the user's folder and network, not the preset's
+    ("guided", ["--sample", "--w", "1", "--hidden", "32"],
+     "run `python guided_distill.py --preset toy --hidden 32 --out-dir {tmp}/run` first"),
+    ("evaluate", ["--hidden", "32"],
+     "train it with `python train_teacher.py --preset toy --hidden 32 --out-dir {tmp}/run`"),
 ]
 
 
@@ -95,7 +105,30 @@ BATTERY = [  # (script, arguments after --preset toy --device cpu --out-dir <tmp
 def test_every_bad_input_is_one_line(script, args, message, files, capsys):
     args = [a.format(tmp=files) for a in args]
     status, lines = cli(capsys, script, ["--preset", "toy", "--device", "cpu", "--out-dir", str(files / "run"), *args])
+    message = message.format(tmp=files)
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1024.00 GiB. GPU 0 has a total capacity of 79 GiB"),
+])
+def test_out_of_memory_is_one_line_that_names_the_batch(error, tmp_path, monkeypatch, capsys):
+    def too_big(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(train_teacher, "train_teacher", too_big)
+    status, lines = cli(capsys, "train_teacher", ["--preset", "toy", "--device", "cpu", "--out-dir", str(tmp_path),
+                                                  "--batch-size", "4096"])
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: out of memory: an allocation of 1.02e+03 GiB with "), lines
+    assert "the run's batch sizes are --eval-samples 2000, --batch-size 4096: pass a smaller one" in lines[0], lines
+
+
+def test_a_tilde_is_the_home_folder_also_where_no_shell_expands_it():
+    config = TeacherConfig.from_preset("toy", out_dir="~/runs_x", teacher="~/t.pt")
+    assert config.out_dir == os.path.expanduser("~/runs_x") and config.teacher == os.path.expanduser("~/t.pt")
 
 
 def write_idx(path, array, gz=True):
@@ -150,6 +183,7 @@ def test_a_named_teacher_is_read_never_written(tmp_path, tiny_teacher, capsys):
             "--eval-every", "2", "--eval-samples", "20", "--eval-steps", "1", "--reg-pairs", "16", "--reg-steps", "2"]
     dmd.main(args)  # the teacher has 5 updates of --iterations 50: it is used as it is, not trained further
     assert named.read_bytes() == before
+    assert [p.name for p in named.parent.iterdir()] == ["teacher_v2.pt"]  # its folder too: caches go to the run's
     assert not (tmp_path / "run" / "teacher.pt").exists()
     assert (dmd_dir(dmd.DMDConfig.from_preset("toy", out_dir=str(tmp_path / "run"))) / "checkpoint.pt").exists()
 
@@ -218,6 +252,12 @@ def test_checkpoints_follow_the_umask_and_refuse_damage(tmp_path):
     with pytest.raises(UserError, match="flipped.pt is damaged: its tensors no longer match the checksum"):
         load_checkpoint(tmp_path / "flipped.pt", "teacher checkpoint")
     data = (tmp_path / "ck.pt").read_bytes()
+    one = b"\x00\x00\x80\x3f"  # 1.0 in float32
+    for name, old, new in [("pickle", b"teacher", b"teachfr"), ("raw", one * 3, one + b"\x00\x00\x80\x3e" + one)]:
+        assert data.count(old) == 1  # a flipped byte in the file: in the pickle (kind), or in a tensor's bytes
+        (tmp_path / f"{name}.pt").write_bytes(data.replace(old, new))
+        with pytest.raises(UserError, match=f"{name}.pt is damaged: its .* no longer matches the CRC"):
+            load_checkpoint(tmp_path / f"{name}.pt", "teacher checkpoint")
     (tmp_path / "short.pt").write_bytes(data[: len(data) // 2])  # a copy that did not finish
     with pytest.raises(UserError, match="short.pt is cut short or damaged.*copy it again, or delete it"):
         load_checkpoint(tmp_path / "short.pt", "teacher checkpoint")

@@ -100,6 +100,29 @@ def test_multi_step_sampling_uses_the_schedule_and_fresh_noise():
     assert dmd.generator_times(2) == [1.0, 0.5]
 
 
+def test_backward_simulation_draws_each_samples_step():
+    # k ~ U{0..K-1} per sample: one batch holds every step (a per-batch k makes the fake score chase one step at a
+    # time, docs/results.md), and each latent is the sampler's z_{t_k} for its own k.
+    def predicts_one(z_t, t, labels):
+        return torch.ones_like(z_t)  # x = 1 at every step: z_{t_k} = alpha_{t_k} + sigma_{t_k} eps for k >= 1
+
+    z = torch.randn(40_000, 2)
+    z_k, t_k = dmd.backward_simulation(predicts_one, z, torch.zeros(40_000, dtype=torch.long), 4)
+    assert z_k.shape == z.shape and t_k.shape == (40_000,)
+    assert sorted(set(t_k.tolist())) == [0.25, 0.5, 0.75, 1.0]
+    shares = torch.stack([(t_k == t).float().mean() for t in (1.0, 0.75, 0.5, 0.25)])
+    assert torch.allclose(shares, torch.full((4,), 0.25), atol=0.01), shares
+    top = t_k == 1.0
+    assert torch.equal(z_k[top], z[top])  # k = 0 starts from the pure noise itself
+    for t in (0.75, 0.5, 0.25):
+        alpha, sigma = torch.cos(torch.tensor(torch.pi * t / 2)), torch.sin(torch.tensor(torch.pi * t / 2))
+        sel = z_k[t_k == t]
+        assert torch.allclose(sel.mean(0), alpha.expand(2), atol=0.03), (t, sel.mean(0))
+        assert torch.allclose(sel.std(0), sigma.expand(2), atol=0.03), (t, sel.std(0))
+    z_1, t_1 = dmd.backward_simulation(predicts_one, z[:8], torch.zeros(8, dtype=torch.long), 1)
+    assert torch.equal(z_1, z[:8]) and torch.equal(t_1, torch.ones(8))  # K = 1: the noise at t = 1
+
+
 def test_each_steps_prediction_is_the_one_the_sampler_makes():
     # tools/dmd_steps.py measures the k-th step's x prediction: k = K - 1 is the sample itself, and k = 0 the
     # generator at t = 1 on the pure noise

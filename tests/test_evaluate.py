@@ -16,7 +16,7 @@ from plumbing.data import DEBIAN_FASHION_MNIST, load_fashion_mnist
 from plumbing.errors import UserError
 from plumbing.image_metrics import classifier_accuracy, frechet_distance, train_classifier
 from plumbing.metrics import balanced_labels, evaluate_sampler
-from plumbing.training import read_json
+from plumbing.training import fingerprint, read_json
 
 pytest.importorskip("torchmetrics")
 
@@ -72,10 +72,21 @@ def test_the_command_makes_the_table_and_plot_and_agrees_with_the_students(tmp_p
 
     table = (tmp_path / "results.md").read_text()
     assert "| PD | 2 | 2 |" in table and "| DMD | 1 | 1 |" in table and "500 samples per row" in table
-    assert "guided: missing (make it with `python guided_distill.py --preset toy`)" in table
+    # the commands it suggests make what it looks for: into this --out-dir, not runs/toy
+    assert f"guided: missing (make it with `python guided_distill.py --preset toy --out-dir {tmp_path}`)" in table
     assert "DisBack: missing" in table
     assert (tmp_path / "quality_vs_steps.png").is_file()
     assert (tmp_path / "evaluation" / "PD_2" / "samples_2.npz").is_file()
+
+    # Every student records its teacher: under other teacher weights, each student's row is marked, not tabled as
+    # this teacher's student.
+    teacher = evaluate.load_teacher(config, torch.device("cpu"), train_if_missing=False)
+    assert [r.method for r in evaluate.find_rows(config, teacher, torch.device("cpu"))[0]][-2:] == ["PD", "DMD"]
+    with torch.no_grad():
+        next(teacher.parameters()).add_(0.01)
+    teacher.fingerprint = fingerprint(teacher.state_dict())
+    assert [r.method for r in evaluate.find_rows(config, teacher, torch.device("cpu"))[0]][-2:] == [
+        "PD [another teacher]", "DMD [another teacher]"]
 
 
 def test_the_guided_sampler_draws_for_the_labels_it_is_given(tmp_path, monkeypatch):
@@ -99,7 +110,7 @@ def test_the_guided_sampler_draws_for_the_labels_it_is_given(tmp_path, monkeypat
 
 
 def test_without_a_teacher_it_says_what_to_run(tmp_path):
-    with pytest.raises(UserError, match="python train_teacher.py --preset toy"):
+    with pytest.raises(UserError, match=f"`python train_teacher.py --preset toy --out-dir {tmp_path}`"):
         evaluate.main(["--preset", "toy", "--out-dir", str(tmp_path)])
 
 

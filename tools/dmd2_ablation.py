@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import dmd  # noqa: E402
+from plumbing.errors import require  # noqa: E402
 from plumbing.folders import dmd_dir, teacher_dir  # noqa: E402
 from plumbing.metrics import evaluate_sampler, quality_key  # noqa: E402
 from plumbing.networks import frozen_denoiser  # noqa: E402
@@ -119,6 +120,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out-dir", default=None)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    require(args.eval_seeds >= 1, f"--eval-seeds must be at least 1 (3 or more give a spread), got {args.eval_seeds}")
+    require(args.dmd_iterations is None or args.dmd_iterations >= 1, "--dmd-iterations must be at least 1")
     common = {"steps": args.steps, "device": args.device, **({"out_dir": args.out_dir} if args.out_dir else {}),
               **({"dmd_iterations": args.dmd_iterations} if args.dmd_iterations else {})}
     device, rows = pick_device(args.device), {}

@@ -22,6 +22,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import dmd  # noqa: E402
+from plumbing.config import NetworkConfig  # noqa: E402
+from plumbing.errors import require  # noqa: E402
 from plumbing.folders import dmd_dir  # noqa: E402
 from plumbing.metrics import evaluate_sampler, quality_key  # noqa: E402
 from plumbing.networks import frozen_denoiser  # noqa: E402
@@ -59,7 +61,11 @@ def main(argv=None) -> None:
                                        **({"out_dir": args.out_dir} if args.out_dir else {}),
                                        **({"recipe": args.recipe} if args.recipe else {}))
     device, out = pick_device(args.device), dmd_dir(config)
+    tagged = ("--tag", args.tag) if args.tag else ()
+    require((out / "checkpoint.pt").exists(), f"no DMD run at {out}; make it with "
+            f"`{config.command('dmd.py', '--steps', str(args.steps), '--recipe', config.recipe, *tagged)}`")
     state = load_checkpoint(out / "checkpoint.pt", "DMD checkpoint")
+    config = config.replace(**{k: state["config"][k] for k in NetworkConfig.network_keys()})  # the run's network
     generator = frozen_denoiser(config, (state.get("ema") or {}).get("model") or state["generator"], device)
     teacher = load_teacher(config, device, train_if_missing=False)
     rows = {"G_0 (the teacher)": measure(teacher, config, out / "steps", device, "teacher"),

@@ -44,7 +44,7 @@ import progressive_distill  # noqa: E402
 import train_teacher  # noqa: E402
 from common import Denoiser, diffusion_loss, trainable_copy  # noqa: E402
 from plumbing.config import sample_shape  # noqa: E402
-from plumbing.errors import UserError  # noqa: E402
+from plumbing.errors import UserError, require  # noqa: E402
 from plumbing.networks import build_network  # noqa: E402
 from plumbing.training import autocast, optimizer_step, pick_device, prepare_network, run_cli  # noqa: E402
 
@@ -334,6 +334,7 @@ def main(argv=None) -> None:
     parser.add_argument("--docs", default=str(HERE.parent / "docs"), help="where results-gpu.md/.json go (docs/)")
     parser.add_argument("--tiny", action="store_true", help="tiny networks and a few updates: the tests' settings")
     args = parser.parse_args(argv)
+    require(args.minutes > 0, f"--minutes must be above 0, got {args.minutes:g}")
     device, budget, start = pick_device(args.device), args.minutes * 60, time.perf_counter()
     out, marker = Path(args.out_dir), Path(args.out_dir) / ".gpu_check"
     if out.exists() and any(out.iterdir()) and not marker.exists():  # a folder it did not make is never emptied
