@@ -261,11 +261,11 @@ def cached(path, key: dict, make, what: str) -> dict:
     """The dict saved at `path` if it was made with this very `key` (plain values: settings, a teacher's
     fingerprint), otherwise `make()`, saved there with its key. A stale file is made anew, never reused."""
     path = Path(path)
-    distributed.barrier()  # under torchrun every rank looks at once, so that all take the same path
-    if path.exists():
-        saved = load_checkpoint(path, what)
-        if saved.get("key") == key:
-            return saved
+    distributed.barrier()  # under torchrun every rank looks at the same file ...
+    saved = load_checkpoint(path, what) if path.exists() else {}
+    distributed.barrier()  # ... and none writes it before all have looked, so that all take the same branch
+    if saved.get("key") == key:
+        return saved
     made = {**make(), "key": key}
     save_checkpoint(path, made)
     return made
