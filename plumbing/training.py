@@ -244,8 +244,17 @@ def check_compatible(saved: dict, config: dict, keys, what: str, path) -> None:
     diff = [k for k in keys if saved.get(k) != config.get(k)]
     if diff:
         detail = ", ".join(f"{k}={saved.get(k)!r} (now {config.get(k)!r})" for k in diff)
-        raise UserError(f"{what} at {path} does not match this run: {detail}; "
-                        f"use the matching --preset or another --out-dir")
+        flags = " ".join(as_flag(k, saved.get(k)) for k in diff if k != "preset" and saved.get(k) is not None)
+        raise UserError(f"{what} at {path} does not match this run: {detail}; pass the values it was made with"
+                        + (f" ({flags})" if flags else "") + ", or another --out-dir for a new run")
+
+
+def as_flag(name: str, value) -> str:
+    """A config field and value as the command line writes them: --hidden 32, --ch-mult 1 2, --no-hflip."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
 
 
 def check_same_teacher(saved: str | None, teacher, what: str, path) -> None:

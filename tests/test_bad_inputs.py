@@ -89,6 +89,7 @@ BATTERY = [  # (script, arguments after --preset toy --device cpu --out-dir <tmp
     ("train_teacher", ["--resume"], "nothing to resume"),
     ("train_teacher", ["--teacher", "{tmp}/mine/my.pt", "--hidden", "32"], "or another --teacher path"),
     ("dmd", ["--teacher", "{tmp}/mine"], "is a folder; name the checkpoint in it (e.g. {tmp}/mine/teacher.pt)"),
+    ("dmd", ["--teacher", "{tmp}/mine/my.pt"], "hidden=32 (now 256); pass the values it was made with (--hidden 32)"),
     ("evaluate", ["--teacher-steps", "0", "4"], "--teacher-steps must all be at least 1, got 0 4"),
     ("pd", ["--resume"], "nothing to resume"),
     ("guided", ["--resume"], "nothing to resume"),
