@@ -255,7 +255,8 @@ def backward_simulation(generator, z: torch.Tensor, labels: torch.Tensor, steps:
         idx, z_t = idx[keep], z_t[keep]
         x = generator(z_t, torch.full((len(idx),), times[j - 1], device=z.device), labels[idx])
         z_t = diffuse(x, times[j], torch.randn_like(x))  # re-noised with fresh noise to t_j
-        z_k[idx[k[idx] == j]] = z_t[k[idx] == j]
+        done = k[idx] == j  # the samples whose step starts here
+        z_k[idx[done]] = z_t[done]
     return z_k, torch.tensor(times, device=z.device)[k]
 
 

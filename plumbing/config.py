@@ -50,6 +50,13 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def flag_words(name: str, value) -> list[str]:
+    """A config field and value as the command line's words: --hidden 32, --ch-mult 1 2, --no-hflip."""
+    if isinstance(value, bool):
+        return [flag(name) if value else "--no-" + flag(name)[2:]]
+    return [flag(name), *map(str, value if isinstance(value, list) else [value])]
+
+
 class Config:
     """Dict-like access, presets, checks and the keys that tie a checkpoint to a run."""
 
@@ -266,10 +273,7 @@ class RunConfig(NetworkConfig):
             value = self[name]
             if value == preset[name] or value is None:
                 continue
-            if isinstance(value, bool):
-                words.append(flag(name) if value else "--no-" + flag(name)[2:])
-            else:
-                words += [flag(name), *map(str, value if isinstance(value, list) else [value])]
+            words += flag_words(name, value)
         return shlex.join([*words, *extra])
 
     def check(self) -> None:

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import random
+import shlex
 import sys
 import tempfile
 import time
@@ -26,7 +27,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from plumbing import distributed
-from plumbing.config import out_of_memory
+from plumbing.config import flag_words, out_of_memory
 from plumbing.errors import UserError
 
 
@@ -244,17 +245,10 @@ def check_compatible(saved: dict, config: dict, keys, what: str, path) -> None:
     diff = [k for k in keys if saved.get(k) != config.get(k)]
     if diff:
         detail = ", ".join(f"{k}={saved.get(k)!r} (now {config.get(k)!r})" for k in diff)
-        flags = " ".join(as_flag(k, saved.get(k)) for k in diff if k != "preset" and saved.get(k) is not None)
+        shown = [k for k in diff if k != "preset" and saved.get(k) is not None]
+        flags = shlex.join(w for k in shown for w in flag_words(k, saved[k]))
         raise UserError(f"{what} at {path} does not match this run: {detail}; pass the values it was made with"
                         + (f" ({flags})" if flags else "") + ", or another --out-dir for a new run")
-
-
-def as_flag(name: str, value) -> str:
-    """A config field and value as the command line writes them: --hidden 32, --ch-mult 1 2, --no-hflip."""
-    flag = "--" + name.replace("_", "-")
-    if isinstance(value, bool):
-        return flag if value else "--no-" + flag[2:]
-    return f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
 
 
 def check_same_teacher(saved: str | None, teacher, what: str, path) -> None:
