@@ -210,9 +210,9 @@ class Denoiser(nn.Module):
         v_hat = self.predict_v(z_t, t, labels, w).float()
         return x_from_v(z_t, v_hat, t)  # x_hat = alpha_t z_t - sigma_t v_hat
 
-    def bottleneck(self, z_t, t, labels):
+    def bottleneck(self, z_t, t, labels, w=None):
         """The network's middle features: what DMD2's GAN classifier reads (dmd2.py)."""
-        return self.net.bottleneck(z_t, _as_time(t, z_t).expand(z_t.shape[0]), labels)
+        return self.net.bottleneck(z_t, _as_time(t, z_t).expand(z_t.shape[0]), labels, w)
 
 
 @contextlib.contextmanager
@@ -327,9 +327,9 @@ class MLPDenoiserNet(nn.Module):
         emb = self.cond(t, labels, w)  # (B, emb)
         return self.body(torch.cat([z_t, emb], dim=1))  # (B, 2)
 
-    def bottleneck(self, z_t, t, labels):
+    def bottleneck(self, z_t, t, labels, w=None):
         """The last hidden layer's features (B, hidden) that DMD2's GAN classifier reads (dmd2.py)."""
-        return self.body[:-1](torch.cat([z_t, self.cond(t, labels)], dim=1))
+        return self.body[:-1](torch.cat([z_t, self.cond(t, labels, w)], dim=1))
 
 
 def group_norm(ch: int) -> nn.GroupNorm:
@@ -454,9 +454,9 @@ class UNet(nn.Module):
             h = block(h, emb)
         return h, hs, emb
 
-    def bottleneck(self, z_t, t, labels):
+    def bottleneck(self, z_t, t, labels, w=None):
         """The middle features (B, C, h, w) that DMD2's GAN classifier reads (dmd2.py)."""
-        return self.encode(z_t, t, labels)[0]
+        return self.encode(z_t, t, labels, w)[0]
 
 
 # ==== Alg. 1 (PD paper): the standard diffusion loss ==================================================================

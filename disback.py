@@ -37,6 +37,7 @@ Deliberate differences from the paper:
 
 from __future__ import annotations
 
+import plumbing.interrupt  # noqa: F401  (first: Ctrl-C while torch loads is one line)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -119,7 +120,7 @@ def record_degradation(teacher, config: DisBackConfig, device, folder: Path) -> 
     for step in loop:
         z, labels = noise_and_labels(config, device)
         # G_0's samples, drawn as stage 2's fake score will see them (backward simulation for K > 1)
-        x = generator_samples(teacher, z, labels, config.steps)
+        x, _ = generator_samples(teacher, z, labels, config.steps)
         loss = fake_score_loss(score, x, labels)  # Alg. 1's denoising loss on G_0's samples
         optimizer_step(opt, loss, score, config.grad_clip)
         loop.log(loss=loss)
@@ -145,7 +146,7 @@ def path_losses(teacher, paths: list[Path], config: DisBackConfig, device, n: in
         batch = 1024 if config.net == "mlp" else image_batch(device)
         chunks = [slice(i, i + batch) for i in range(0, n, batch)]
         on = [(z[c].to(device), labels[c].to(device), t[c].to(device), eps[c].to(device)) for c in chunks]
-        x0 = [generator_samples(teacher, z_c, c_c, config.steps) for z_c, c_c, _, _ in on]  # G_0's samples
+        x0 = [generator_samples(teacher, z_c, c_c, config.steps)[0] for z_c, c_c, _, _ in on]  # G_0's samples
     path = BacktrackingPath(teacher, paths, interval=1)
     losses = []
     for j in range(len(paths) + 1):  # s'_0 = the teacher, then s'_1..s'_N
@@ -153,7 +154,7 @@ def path_losses(teacher, paths: list[Path], config: DisBackConfig, device, n: in
         per_chunk = [diffusion_loss(score, x, c_c, t_c, e_c) * len(x) for x, (_, c_c, t_c, e_c) in zip(x0, on)]
         losses.append(float(sum(per_chunk)) / n)
     fall = losses[0] - losses[-1]
-    first = (losses[0] - losses[1]) / fall if fall > 0 else None  # None: the path does not fall
+    first = (losses[0] - losses[1]) / fall if fall > 1e-3 * abs(losses[0]) else None  # None: the path does not fall
     return {"losses": losses, "fall_before_first": first}
 
 
@@ -207,8 +208,9 @@ def train_disback(config: DisBackConfig, resume: bool = False) -> dict:
     if diagnostic is not None:
         print("the path's denoising loss on G_0's samples, s'_0 (the teacher) to s'_N: "
               + " ".join(f"{v:.4f}" for v in diagnostic["losses"])
-              + (f"; {diagnostic['fall_before_first']:.0%} of the fall before s'_1 (a gradual path: about 1/N)"
-                 if diagnostic["fall_before_first"] is not None else "; it does not fall"))
+              + (f"; {diagnostic['fall_before_first']:.0%} of the fall before s'_1 (on a gradual path about 1/N = "
+                 f"{1 / len(paths):.0%})" if diagnostic["fall_before_first"] is not None
+                 else "; it does not fall (by less than 0.1%): the snapshots are the teacher, and there is no path"))
     stage_2_started = (out / "checkpoint.pt").exists()  # stage 2 continues its checkpoint, or starts after stage 1
     metrics = train_dmd(config, stage_2_started, Variant(out=out, real_score=path, fake_start=fake_start,
                                                          run_keys=RUN_KEYS))
@@ -230,6 +232,10 @@ def check_config(config: DisBackConfig) -> None:
             f"--record-iterations {config.record_iterations} cannot hold {config.snapshots} "
             "snapshots evenly; give a multiple of --snapshots")
     require(config.interval >= 1, f"--interval must be at least 1, got {config.interval}")
+    require(n == 0 or (n - 1) * config.interval < config.dmd_iterations,  # s'_0 (the teacher) from (N - 1) x interval
+            f"the path's {n} snapshots at --interval {config.interval} reach the teacher only at update "
+            f"{(n - 1) * config.interval}, and the run has {config.dmd_iterations} (--dmd-iterations); lower "
+            "--interval or --snapshots, or raise --dmd-iterations")
     require(config.real_guidance <= 0, "DisBack's path is recorded from the unguided teacher; use --real-guidance 0")
 
 

@@ -28,7 +28,8 @@ five fake-score updates per generator update, the GAN): dmd2.DMD2_RECIPE holds w
 
 K > 1 (DMD2): fixed times t_k = 1 - k / K; sampling predicts x at t_k, re-noises it with fresh
 noise to t_{k+1}, predicts again. Training uses backward simulation: k ~ U{0..K-1}, the first
-k steps run without gradient from pure noise, and the k-th step's x prediction is trained.
+k steps run without gradient from pure noise, and the k-th step's x prediction is trained. The fake
+score is told each sample's step, mu_fake(x_t, t | t_k) (`StepAware`).
 
 Deliberate differences from the papers:
 - The top time is t = 1 exactly (DMD2 uses 0.999): v-prediction is defined at alpha = 0.
@@ -38,6 +39,9 @@ Deliberate differences from the papers:
 - An EMA of the generator (`--gen-ema`) is evaluated.
 - Backward simulation draws k for each sample; DMD2's code draws one k per batch, which at our
   learning rates makes the fake score chase one step at a time (`backward_simulation`).
+- For K > 1 the fake score is told the step t_k that made each sample (`StepAware`; DMD2's is not,
+  `--no-fake-knows-step`): a fake score of the K steps' mix lets the steps drift apart as long as
+  they average out (fmnist16, 4 steps: FD 5.63 not told, 0.83 told; docs/results.md).
 - The gradient is the papers' pseudo-code, (mu_fake - mu_real) / mean |x - mu_real|. With Eq. (7)
   and (8) under this cosine schedule it would carry a factor alpha_t (docs/methods.md [3.5]); the
   papers' teachers have alpha_t = 1.
@@ -57,6 +61,7 @@ Deliberate differences from the papers:
 
 from __future__ import annotations
 
+import plumbing.interrupt  # noqa: F401  (first: Ctrl-C while torch loads is one line)
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,6 +129,7 @@ class DMDConfig(TeacherConfig):
     dm_weight: float = 1.0            # weight of the distribution-matching loss (0: DMD2 Table 3's GAN alone; paper: 1)
     gen_gan_weight: float = 0.0       # weight of the generator's GAN loss (DMD: none; DMD2's code: 3e-3, its recipe)
     cls_gan_weight: float = 0.0       # weight of the classifier's GAN loss in the fake score's (DMD: none; DMD2: 1e-2)
+    fake_knows_step: bool = True      # K > 1: the fake score is told each sample's step t_k (this project, not DMD2)
 
     PRESETS: ClassVar[dict] = {
         # Toy values tuned on gaussians8 (docs/results.md): lr 4e-3 and regression weight 4 moved it most;
@@ -145,6 +151,7 @@ class DMDConfig(TeacherConfig):
                        reg_pairs=10_000, gen_ema=0.999, eval_every=2000),
     }
     RESUMABLE: ClassVar[tuple] = ("dmd_iterations", "eval_every", "tag")  # more updates, another cadence
+    ADDED: ClassVar[dict] = {"fake_knows_step": False}  # what a run saved before the field existed had in effect
 
     @classmethod
     def from_preset(cls, name: str, **overrides):
@@ -160,6 +167,8 @@ class DMDConfig(TeacherConfig):
     def check(self) -> None:
         super().check()
         check_config(self)  # below the algorithm
+        if self.steps == 1:  # one step: no step to tell the fake score (and one-step runs match the earlier ones)
+            self.fake_knows_step = False
 
 
 # ==== The losses (pure functions) =====================================================================================
@@ -261,12 +270,40 @@ def backward_simulation(generator, z: torch.Tensor, labels: torch.Tensor, steps:
 
 
 @torch.no_grad()
-def generator_samples(generator, z: torch.Tensor, labels: torch.Tensor, steps: int) -> torch.Tensor:
-    """The distribution the fake score must learn: the k-th step's x prediction under backward
-    simulation, no gradient. For K = 1 these are G(z); for K > 1 a mix of all K steps' outputs.
-    DisBack records its degradation path on the same samples."""
+def generator_samples(generator, z: torch.Tensor, labels: torch.Tensor, steps: int):
+    """The distribution the fake score must learn: the k-th step's x prediction under backward simulation, no
+    gradient, and the step t_k (B,) that made each. For K = 1 these are G(z); for K > 1 a mix of all K steps'
+    outputs. DisBack records its degradation path on the same samples."""
     z_k, t_k = backward_simulation(generator, z, labels, steps)
-    return generator(z_k, t_k, labels)
+    return generator(z_k, t_k, labels), t_k
+
+
+class StepAware:
+    """The fake score of a K-step generator, told which step t_k made each sample: mu_fake(x_t, t, c | t_k),
+    through the extra embedding guided distillation uses for w (zero at first: the teacher's output). Without
+    it, the fake score learns the mix of all K steps' outputs, distribution matching pulls only that mix to
+    the data, and the steps can drift apart as long as they average out (fmnist16: the first step too dark,
+    the last too bright; docs/results.md, "DMD2's 4-step generator"). With it, each step's samples are
+    compared with the data on their own. DMD2 does not do this (its fake score has no step input)."""
+
+    def __init__(self, fake_score, t_k: torch.Tensor):
+        self.fake_score, self.t_k = fake_score, t_k
+
+    def __call__(self, z_t, t, labels):
+        return self.fake_score(z_t, t, labels, w=self.t_k)
+
+    def predict_v(self, z_t, t, labels, w=None):
+        return self.fake_score.predict_v(z_t, t, labels, self.t_k)
+
+
+def knows_step(config: DMDConfig) -> bool:
+    """Whether the fake score is told the generator's step (K > 1, `fake_knows_step`, one of our networks)."""
+    return config.fake_knows_step and not is_pretrained(config)  # False for K = 1 (DMDConfig.check)
+
+
+def at_step(fake_score, t_k: torch.Tensor, config: DMDConfig):
+    """The fake score as the losses call it: told the step t_k (B,) when `knows_step`, else itself."""
+    return StepAware(fake_score, t_k) if knows_step(config) else fake_score
 
 
 # ==== The regression set: (z, labels, y) with y the teacher's deterministic sample from z =============================
@@ -328,11 +365,12 @@ def noise_and_labels(config: DMDConfig, device) -> tuple[torch.Tensor, torch.Ten
 def fake_score_update(fake_score, opt, generator, z, labels, config: DMDConfig, gan: GAN | None = None) -> dict:
     """One step of the fake score on the generator's current samples (Alg. 1's loss), plus, with DMD2's GAN,
     its classifier's loss on real and generated images (dmd2.py)."""
-    x = generator_samples(generator, z, labels, config.steps)  # backward simulation, no gradient
+    x, t_k = generator_samples(generator, z, labels, config.steps)  # backward simulation, no gradient
+    w = t_k if knows_step(config) else None  # the step that made each sample, if the fake score is told it
     with autocast(config, z.device):
-        losses = {"loss_fake": fake_score_loss(fake_score, x, labels)}
+        losses = {"loss_fake": fake_score_loss(at_step(fake_score, t_k, config), x, labels)}
         if gan is not None:
-            losses["loss_cls"] = gan.classifier_loss(x, labels)
+            losses["loss_cls"] = gan.classifier_loss(x, labels, w)
         loss = losses["loss_fake"] + config.cls_gan_weight * losses.get("loss_cls", 0.0)
     optimizer_step(opt, loss, gan.critic if gan is not None else fake_score, config.grad_clip)
     return losses
@@ -343,11 +381,13 @@ def generator_update(generator, opt, real_score, fake_score, z, labels, pairs: d
     """One generator step on dm_weight * loss_DM + reg_weight * loss_reg + gen_gan_weight * loss_G_GAN, at the
     k-th of its K steps."""
     z_k, t_k = backward_simulation(generator, z, labels, config.steps)  # the first k steps without gradient
+    w = t_k if knows_step(config) else None
     with autocast(config, z.device):
         x = generator(z_k, t_k, labels)  # the k-th step, trained
-        losses = {"loss_dm": dmd_generator_loss(x, real_score, fake_score, labels)} if config.dm_weight > 0 else {}
+        losses = ({"loss_dm": dmd_generator_loss(x, real_score, at_step(fake_score, t_k, config), labels)}
+                  if config.dm_weight > 0 else {})
         if gan is not None:  # DMD2: the classifier, frozen, judges the generator's samples (dmd2.py)
-            losses["loss_gan"] = gan.generator_loss(x, labels)
+            losses["loss_gan"] = gan.generator_loss(x, labels, w)
         if pairs is not None:  # G(z_ref) at the top time against the teacher's sample y_ref from z_ref
             idx = torch.randint(len(pairs["y"]), (len(z),))
             z_ref, c_ref, y_ref = (pairs[key][idx].to(z.device) for key in ("z", "labels", "y"))
@@ -380,6 +420,9 @@ def train_dmd(config: DMDConfig, resume: bool = False, variant: Variant | None =
     out = variant.out or dmd_dir(config)
     check_start(out, (out / "checkpoint.pt").exists(), resume, "--tag")  # like the rest, before any teacher work
     check_null_label(config)
+    if config.steps > 1 and config.fake_knows_step and not knows_step(config):
+        print("note: a diffusers teacher's network has no input for the generator's step, so its fake score learns "
+              "the mix of the steps' samples, as DMD2's does (--fake-knows-step is for this project's networks)")
     hold(out)  # the run folder is this run's alone
     lpips = load_lpips(config, device) if config.reg_weight > 0 and config.reg_loss == "lpips" else None
     teacher = load_teacher(config, device)  # frozen, eval mode, no grads; trained first if missing
@@ -392,6 +435,8 @@ def train_dmd(config: DMDConfig, resume: bool = False, variant: Variant | None =
     if variant.fake_start is not None:
         fake_score.load_state_dict(variant.fake_start)
     gan = GAN(fake_score, config, device) if uses_gan(config) else None  # DMD2's classifier and real data
+    if knows_step(config):
+        fake_score.net.enable_w_embedding()  # the step's embedding (StepAware), zero at first
     gen_opt, fake_opt = adamw(generator, config.gen_lr), adamw(gan.critic if gan else fake_score, config.fake_lr)
     ema = EMA(generator, config.gen_ema) if config.gen_ema > 0 else None
     nets = {"generator": generator, "fake_score": fake_score, "gen_opt": gen_opt, "fake_opt": fake_opt}
@@ -425,7 +470,8 @@ def train_dmd(config: DMDConfig, resume: bool = False, variant: Variant | None =
         loop.log(**losses, **fake_losses)
         if loop.due(config.eval_every):
             with loop.off_the_clock():
-                loop.write(monitor(step + 1, generator, real_score(step), fake_score))
+                last = torch.full((1,), generator_times(config.steps)[-1], device=device)  # the sample's step
+                loop.write(monitor(step + 1, generator, real_score(step), at_step(fake_score, last, config)))
     loop.log_writer.plot(out / "loss.png", f"DMD {config.steps}-step: losses")
     return monitor.report(loop, teacher)
 
@@ -449,8 +495,8 @@ def check_config(config: DMDConfig) -> None:
             "--dmd-iterations, --dmd-batch-size and --eval-every must be at least 1")
     require(0.0 <= config.dmd_label_dropout <= 1.0,
             f"--dmd-label-dropout must be in [0, 1], got {config.dmd_label_dropout}")
-    require(not set(config.tag) & {"/", "\\"}, f"--tag {config.tag!r} names a run folder's suffix: "
-            "use no path separators")
+    require(not set(config.tag) & {"/", "\\"} and len(config.tag) <= 64, f"--tag {config.tag[:70]!r} names a run "
+            "folder's suffix: use no path separators, and at most 64 characters")
     require(0.0 <= config.gen_ema < 1.0, f"--gen-ema must be in [0, 1), got {config.gen_ema}")
     for name in ("dm_weight", "gen_gan_weight", "cls_gan_weight"):
         require(config[name] >= 0, f"--{name.replace('_', '-')} must be >= 0, got {config[name]}")

@@ -111,14 +111,15 @@ def gan_head(fake_score, config, device) -> nn.Module:
 
 
 def gan_logits(fake_score, head, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor | None = None,
-               eps: torch.Tensor | None = None) -> torch.Tensor:
+               eps: torch.Tensor | None = None, w: torch.Tensor | None = None) -> torch.Tensor:
     """D's logits (B,) for images (or points) x: x diffused to t (DMD2's `gan_times`), F(x, t) = alpha_t x +
-    sigma_t eps, then the fake score's bottleneck, then the head. Gradients flow to whatever requires them."""
+    sigma_t eps, then the fake score's bottleneck, then the head. Gradients flow to whatever requires them.
+    `w`: the generator step t_k of each sample, for a fake score that is told it (dmd.py, `fake_knows_step`)."""
     if t is None:
         t = gan_times(x.shape[0], x.device)
     if eps is None:
         eps = torch.randn_like(x)
-    return head(fake_score.bottleneck(diffuse(x, t, eps), t, labels))
+    return head(fake_score.bottleneck(diffuse(x, t, eps), t, labels, w))
 
 
 # ==== The two losses (pure functions of the logits) ===================================================================
@@ -163,17 +164,21 @@ class GAN:
         drop = torch.rand(labels.shape[0], device=labels.device) < self.config.dmd_label_dropout
         return x, torch.where(drop, torch.full_like(labels, self.config.num_classes), labels)
 
-    def classifier_loss(self, x_fake: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """loss_cls on a real batch and the generator's samples x_fake (detached here: only D learns)."""
+    def classifier_loss(self, x_fake: torch.Tensor, labels: torch.Tensor, w: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """loss_cls on a real batch and the generator's samples x_fake (detached here: only D learns). With the
+        samples' steps `w` (a fake score told them), each real image gets the step of a random sample, so that
+        the step says nothing about which is which and D judges each step's samples against the data."""
         x_real, c_real = self.real_batch()
-        return gan_classifier_loss(gan_logits(self.fake_score, self.head, x_real, c_real),
-                                   gan_logits(self.fake_score, self.head, x_fake.detach(), labels))
+        w_real = None if w is None else w[torch.randint(len(w), (len(x_real),), device=w.device)]
+        return gan_classifier_loss(gan_logits(self.fake_score, self.head, x_real, c_real, w=w_real),
+                                   gan_logits(self.fake_score, self.head, x_fake.detach(), labels, w=w))
 
-    def generator_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def generator_loss(self, x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """loss_G_GAN on the generator's samples x; the fake score and head are frozen for it, so the gradient
         reaches the generator only."""
         self.critic.requires_grad_(False)
         try:
-            return gan_generator_loss(gan_logits(self.fake_score, self.head, x, labels))
+            return gan_generator_loss(gan_logits(self.fake_score, self.head, x, labels, w=w))
         finally:
             self.critic.requires_grad_(True)

@@ -26,6 +26,7 @@ method, after a warm-up, synchronised on CUDA, best of three.
 
 from __future__ import annotations
 
+import plumbing.interrupt  # noqa: F401  (first: Ctrl-C while torch loads is one line)
 import os
 import platform
 import time
@@ -357,4 +358,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupted="the image measurements already made are kept (measurements.json in the run folder); "
+                              "rerun the command and it measures only the rest")

@@ -37,6 +37,7 @@ Deliberate differences from the paper:
 
 from __future__ import annotations
 
+import plumbing.interrupt  # noqa: F401  (first: Ctrl-C while torch loads is one line)
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path

@@ -34,6 +34,7 @@ Deliberate differences from the paper:
 
 from __future__ import annotations
 
+import plumbing.interrupt  # noqa: F401  (first: Ctrl-C while torch loads is one line)
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -271,6 +272,9 @@ def check_config(config: PDConfig) -> None:
     require(config.to_steps < config.start_steps,
             f"--to-steps {config.to_steps} must be below the teacher's {config.start_steps} steps "
             "(--start-steps)")
+    require(config.round_iterations >= 1 and config.pd_batch_size >= 1,
+            f"--round-iterations and --pd-batch-size must be at least 1, got {config.round_iterations} and "
+            f"{config.pd_batch_size}")
     require(config.weighting in WEIGHTINGS,
             f"unknown --weighting {config.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
     require(0.0 <= config.pd_label_dropout <= 1.0,

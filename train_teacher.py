@@ -29,6 +29,7 @@ Deliberate differences from the paper:
 
 from __future__ import annotations
 
+import plumbing.interrupt  # noqa: F401  (first: Ctrl-C while torch loads is one line)
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,9 +189,11 @@ def is_default_teacher(config: TeacherConfig) -> bool:
 
 def check_named_teacher(config: TeacherConfig) -> None:
     """A teacher named with --teacher must be there: it is never trained in its place."""
-    require(is_pretrained(config) or not Path(config.teacher).is_dir(),
-            f"--teacher {config.teacher} is a folder; name the checkpoint in it (e.g. "
-            f"{Path(config.teacher) / 'teacher.pt'})")
+    folder = Path(config.teacher)
+    beside = folder.with_suffix(".pt")  # <name>/ is the picture folder of the checkpoint <name>.pt beside it
+    require(is_pretrained(config) or not folder.is_dir(),
+            f"--teacher {config.teacher} is a folder; name the checkpoint"
+            + (f" beside it, {beside}" if beside.is_file() else f" in it (e.g. {folder / 'teacher.pt'})"))
     require(is_pretrained(config) or is_default_teacher(config) or Path(config.teacher).exists(),
             f"no teacher at {config.teacher} (--teacher); check the path, or leave --teacher out to train one at "
             f"{Path(config.out_dir) / 'teacher.pt'}")
@@ -209,9 +212,10 @@ def read_teacher(path: Path) -> dict:
 
 
 def load_teacher(config: TeacherConfig, device: torch.device, train_if_missing: bool = True) -> Denoiser:
-    """The frozen teacher (EMA weights, eval mode, no grads); at <out_dir>/teacher.pt trained first if missing or
-    unfinished, and a teacher named with --teacher used as it is. A diffusers checkpoint (--teacher diffusers:<hub
-    id or folder>) comes wrapped as a denoiser (plumbing/pretrained.py) and is never trained here."""
+    """The frozen teacher (EMA weights, eval mode, no grads); at <out_dir>/teacher.pt trained first if missing, or
+    trained on to its own update count if it was stopped before it (a finished one is never trained on here, whatever
+    --iterations says), and a teacher named with --teacher used as it is. A diffusers checkpoint (--teacher
+    diffusers:<hub id or folder>) comes wrapped as a denoiser (plumbing/pretrained.py) and is never trained here."""
     if is_pretrained(config):
         require(config.net == "unet", "a diffusers teacher is an image model; pass an image --preset or --data")
         teacher = load_pretrained(config, device).requires_grad_(False)  # eval mode, no grads
@@ -222,12 +226,17 @@ def load_teacher(config: TeacherConfig, device: torch.device, train_if_missing: 
     check_named_teacher(config)
     if train_if_missing and is_default_teacher(config):
         state = read_teacher(path) if path.exists() else None
-        if state is None or state["step"] < config.iterations:
+        own = config if state is None else config.replace(iterations=state["config"]["iterations"])
+        if state is None or state["step"] < own.iterations:  # missing, or stopped before its own update count
             print(f"teacher checkpoint {path} is {'missing' if state is None else 'unfinished'}: training it first, "
-                  f"{config.iterations} updates at batch {config.batch_size} (its projected time follows a warm-up)")
-            train_teacher(config, resume=state is not None,
+                  f"{own.iterations} updates at batch {own.batch_size} (its projected time follows a warm-up)")
+            train_teacher(own, resume=state is not None,
                           rerun="rerun the command to continue (the teacher's training resumes by itself)")
-            evaluate_teacher(config, device)
+            evaluate_teacher(own, device)
+        elif own.iterations != config.iterations:  # a finished teacher is never trained on here
+            print(f"note: the teacher {path} finished its {own.iterations} updates and is used as it is (--iterations "
+                  f"{config.iterations} is for a teacher trained here; `python train_teacher.py --iterations N "
+                  "--resume` trains this one on)")
     state = read_teacher(path)
     if state["step"] < state["config"]["iterations"] and not is_default_teacher(config):
         print(f"note: the teacher {path} has {state['step']} of its {state['config']['iterations']} updates; a named "
@@ -261,6 +270,8 @@ def main(argv=None) -> None:
     resume = flags["resume"]
     require(not is_pretrained(config), f"--teacher {config.teacher} is already trained; distil it (e.g. "
             f"`python dmd.py --teacher {config.teacher}`) or measure it with `python evaluate.py --teacher ...`")
+    require(Path(config.teacher).suffix == ".pt", f"--teacher {config.teacher} names the checkpoint to write: give it "
+            f"the .pt suffix ({Path(config.teacher).with_suffix('.pt')}); its pictures go to the folder of that name")
     device = pick_device(config.device)
     print(f"training the {config.preset} teacher on {device}: {config.iterations} iterations "
           f"-> {config.teacher}")

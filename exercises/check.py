@@ -618,29 +618,31 @@ def main(argv: list[str]) -> int:
             folder = next(args, None)
             if folder is None or not Path(folder).is_dir():
                 print("error: --from needs the folder of the <topic>.py files to grade"
-                      + (f"; {folder} is not a folder" if folder is not None else ""))
+                      + (f"; {folder} is not a folder" if folder is not None else ""), file=sys.stderr)
                 return 2
             folder = Path(folder).resolve()
-            if not any((folder / f"{t}.py").exists() for t in TOPICS) and (folder / "exercises").is_dir():
-                print(f"error: --from {folder} holds no <topic>.py; a handout's are in {folder / 'exercises'}")
+            if not any((folder / f"{t}.py").exists() for t in TOPICS):  # a wrong folder, not a failing student
+                hint = (f"a handout's are in {folder / 'exercises'}" if (folder / "exercises").is_dir()
+                        else f"name the folder that holds them ({', '.join(f'{t}.py' for t in TOPICS)})")
+                print(f"error: --from {folder} holds no <topic>.py; {hint}", file=sys.stderr)
                 return 2
         elif a == "--time-limit":
             value = next(args, "")
             try:
                 time_limit = float(value)
-                assert time_limit > 0
+                assert 1 <= time_limit <= 3600  # below a second even the reference would time out
             except (ValueError, AssertionError):
-                print(f"error: --time-limit needs a number of seconds > 0, got {value!r}")
+                print(f"error: --time-limit needs a number of seconds from 1 to 3600, got {value!r}", file=sys.stderr)
                 return 2
         elif not a.startswith("-"):
             rest.append(a)
         elif a not in ("--reference", "--json"):
-            print(f"error: unknown option {a}; see `python exercises/check.py --help`")
+            print(f"error: unknown option {a}; see `python exercises/check.py --help`", file=sys.stderr)
             return 2
     topics = rest or list(TOPICS)
     unknown = [t for t in topics if t not in TOPICS]
     if unknown:
-        print(f"error: unknown exercise {unknown[0]!r}; choose from {', '.join(TOPICS)}")
+        print(f"error: unknown exercise {unknown[0]!r}; choose from {', '.join(TOPICS)}", file=sys.stderr)
         return 2
     with report_later(), ThreadPoolExecutor(max_workers=min(len(topics), os.cpu_count() or 1)) as pool:
         graded = list(pool.map(lambda topic: grade_apart(topic, reference, folder, time_limit), topics))
@@ -658,5 +660,5 @@ if __name__ == "__main__":
     try:
         raise SystemExit(main(sys.argv[1:]))
     except KeyboardInterrupt:
-        print("interrupted")
+        print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -20,6 +20,7 @@ where a function that is right on its own and wrong in use fails.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import math
 import sys
@@ -1327,4 +1328,8 @@ def _(f):
     return "every path"
 
 
+# torch replaces some of its own functions when torch._dynamo is first imported (torch.manual_seed becomes a
+# wrapper), which may happen later in the same process (torch.compile): import it first, so that it is not taken
+# for the student's doing.
+importlib.import_module("torch._dynamo")
 TRUSTED.update(trusted())  # before any student code runs: checks.py is imported before it is loaded

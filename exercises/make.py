@@ -20,6 +20,9 @@ and toolkit.py, the helpers that the stubs import (copied from the reference cod
 `guided`, ...). No reference body is in it: where a helper calls an exercise (`diffuse` calls
 `alpha_sigma`), toolkit.py calls the student's own function. make.py never writes a handout into the
 repository, and never over stubs that have been edited (answers) unless told `--force`.
+
+Errors go to stderr as one line `error: ...`, with exit status 2 (a bad argument, or files it refuses to
+overwrite); `--check` exits 1 when a file differs.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import hashlib
 import importlib
 import inspect
 import re
-import shutil
 import sys
 import textwrap
 import types
@@ -265,7 +267,9 @@ def handout(folder: Path, force: bool = False) -> list[Path]:
     """Write the student copy to `folder`: README.md and exercises/ (stubs, checker, toolkit). Never into the
     repository, and, unless `force`, never over a stub or README.md that differs from what it writes (a
     student's answers)."""
-    folder = Path(folder).resolve()
+    if not str(folder).strip():
+        raise Refused("--handout is empty; give a folder for the handout")
+    folder = Path(folder).expanduser().resolve()
     out = folder / "exercises"
     if folder == ROOT or ROOT in folder.parents:
         raise Refused(f"{folder} is inside the repository; give a folder outside it for the handout")
@@ -275,18 +279,20 @@ def handout(folder: Path, force: bool = False) -> list[Path]:
     rows += [f"| `{topic}` | {', '.join(f'`{n}`' for _, n in fs)} | {about} |" for topic, (about, fs) in TOPICS.items()]
     written = {out / f"{topic}.py": render(topic, handout=True) for topic in TOPICS}
     written[folder / "README.md"] = HANDOUT_README.format(table="\n".join(rows))
-    edited = [path for path, text in written.items() if path.exists() and path.read_text() != text]
-    if edited and not force:
-        shown = ", ".join(str(path.relative_to(folder)) for path in edited)
-        raise Refused(f"{folder} holds {shown}, which differ from the handout (someone's answers?); hand out into a "
-                      "new folder, or add --force to overwrite them")
     written[out / "toolkit.py"] = toolkit()
-    out.mkdir(parents=True, exist_ok=True)
-    for path, text in written.items():
-        path.write_text(text)
-    for name in CHECKER:
-        shutil.copyfile(HERE / name, out / name)
-    return [*written, *(out / name for name in CHECKER)]
+    written.update({out / name: (HERE / name).read_text() for name in CHECKER})
+    edited = [path for path, text in written.items() if path.is_file() and path.read_text() != text]
+    if edited and not force:  # every file it would write: stubs, README, toolkit and checker
+        shown = ", ".join(str(path.relative_to(folder)) for path in edited)
+        raise Refused(f"{folder} holds {shown}, which differ from the handout (someone's answers or changes?); hand "
+                      "out into a new folder, or add --force to overwrite them")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for path, text in written.items():
+            path.write_text(text)
+    except OSError as e:  # a parent that is a file, a read-only place
+        raise Refused(f"cannot write the handout into {folder}: {e.strerror}; give a folder you can write to") from None
+    return list(written)
 
 
 def main(argv: list[str]) -> int:
@@ -296,18 +302,18 @@ def main(argv: list[str]) -> int:
     unknown = [a for i, a in enumerate(argv) if a not in ("--handout", "--force", "--check")
                and not (i > 0 and argv[i - 1] == "--handout")]
     if unknown:
-        print(f"error: unknown argument {unknown[0]!r}; see python exercises/make.py --help")
+        print(f"error: unknown argument {unknown[0]!r}; see python exercises/make.py --help", file=sys.stderr)
         return 2
     if "--handout" in argv:
         i = argv.index("--handout")
         if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
-            print("error: --handout needs a folder: python exercises/make.py --handout DIR")
+            print("error: --handout needs a folder: python exercises/make.py --handout DIR", file=sys.stderr)
             return 2
         try:
             paths = handout(Path(argv[i + 1]), force="--force" in argv)
         except Refused as e:
-            print(f"error: {e}")
-            return 1
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         for path in paths:
             print(f"wrote {path}")
         return 0
@@ -325,13 +331,14 @@ def main(argv: list[str]) -> int:
             path.write_text(text)
             print(f"wrote {path.relative_to(ROOT)}")
     if stale:
-        print(f"error: {', '.join(stale)} differ from what `python exercises/make.py` writes from the reference code")
+        print(f"error: {', '.join(stale)} differ from what `python exercises/make.py` writes from the reference code",
+              file=sys.stderr)
         return 1
     if kept:
         print(f"error: {', '.join(kept)} have been edited since make.py wrote them (your answers?) and were left as "
               "they are. Copy them elsewhere first, then run `python exercises/make.py --force` to overwrite them; "
-              "`python exercises/check.py --from FOLDER` grades the copies.")
-        return 1
+              "`python exercises/check.py --from FOLDER` grades the copies.", file=sys.stderr)
+        return 2
     return 0
 
 

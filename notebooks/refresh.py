@@ -42,8 +42,9 @@ def main(names: list[str]) -> None:
     paths = [HERE / name for name in names] if names else sorted(HERE.glob("*.ipynb"))
     os.environ["TQDM_DISABLE"] = "1"  # no progress bars in the stored outputs
     for path in paths:
-        if not path.is_file():
-            raise SystemExit(f"error: no notebook {path.name} in {HERE}")
+        if not path.is_file() or path.suffix != ".ipynb" or path.parent.resolve() != HERE:
+            raise SystemExit(f"error: no notebook {path.name} in {HERE}; name one of "
+                             f"{', '.join(p.name for p in sorted(HERE.glob('*.ipynb')))}")
         print(f"{path.name}: {refresh(path):.0f} s")
 
 

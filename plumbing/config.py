@@ -62,6 +62,7 @@ class Config:
 
     PRESETS: ClassVar[dict] = {}
     RESUMABLE: ClassVar[tuple] = ()  # own fields a resumed run may change (more updates, another cadence)
+    ADDED: ClassVar[dict] = {}  # fields added since runs were saved: the value a saved run without them had in effect
 
     def __post_init__(self):
         self.check()
@@ -194,13 +195,13 @@ def check_device(name: str) -> None:
             "or mps")
 
 
-def check_writable(folder: str) -> None:
-    """--out-dir is a folder this user may write, or may be made in one: checked before any work."""
+def check_writable(folder: str, flag: str = "--out-dir") -> None:
+    """--out-dir (or `flag`) is a folder this user may write, or may be made in one: checked before any work."""
     path = Path(folder).absolute()
     existing = next(p for p in [path, *path.parents] if p.exists())
-    require(existing.is_dir(), f"--out-dir {folder}: {existing} is a file, not a folder; pass another --out-dir")
-    require(os.access(existing, os.W_OK | os.X_OK), f"--out-dir {folder}: {existing} is not writable by you; "
-            "pass another --out-dir")
+    require(existing.is_dir(), f"{flag} {folder}: {existing} is a file, not a folder; pass another {flag}")
+    require(os.access(existing, os.W_OK | os.X_OK), f"{flag} {folder}: {existing} is not writable by you; "
+            f"pass another {flag}")
 
 
 def image_size(config: dict) -> int:

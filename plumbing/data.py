@@ -160,6 +160,8 @@ def load_fashion_mnist(data_dir: str | None, train: bool = True, download: bool 
         images = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
         labels = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
         if images and labels:
+            if data_dir and folder != folders[0]:  # the folder the user named did not have it: say which one did
+                print(f"note: no Fashion-MNIST in --data-dir {data_dir}; using {folder}")
             x = torch.from_numpy(_read_idx(images, 3).copy())[:, None]  # (N, 1, 28, 28)
             y = _read_idx(labels, 1).astype(np.int64)
             if len(x) != len(y) or x.shape[2:] != (28, 28) or y.max(initial=0) > 9:

@@ -2,7 +2,7 @@
 script's results (DisBack's comparison with DMD, the teacher's metrics beside a student's) agree:
 
     <out_dir>/teacher.pt, teacher/     train_teacher.py      teacher_dir (beside --teacher's checkpoint)
-    <out_dir>/teacher_<name>/          a diffusers teacher   teacher_dir (its caches: DMD's pairs, speeds)
+    <out_dir>/teacher_<name>/          a diffusers teacher   teacher_dir (its caches: DMD's pairs)
     <out_dir>/pd/                      progressive_distill.py pd_dir
     <out_dir>/guided[_single_w<w>]/    guided_distill.py     guided_dir
     <out_dir>/dmd_<K>step[_<tag>]/     dmd.py --recipe dmd   dmd_dir

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from plumbing import distributed
-from plumbing.errors import UserError
+from plumbing.errors import UserError, require
 from plumbing.folders import check_start, hold
 from plumbing.training import (LogWriter, check_compatible, load_checkpoint, progress, read_json, rng_state,
                                save_checkpoint, seed_everything, set_rng_state, write_json)
@@ -84,6 +84,9 @@ class Loop:
             raise UserError(f"{self.path} is not a {self.desc} checkpoint of this version (it holds "
                             f"{saved.get('kind')!r}, {saved.get('phase')!r}); move it away or pass another --out-dir")
         check_compatible(saved["config"], self.config, self.keys, f"{self.desc} checkpoint", self.path)
+        if saved["step"] > self.total:  # resumed with a smaller budget than it has run: nothing would be true
+            raise UserError(f"{self.path} has {saved['step']} updates, more than the {self.total} this run asks for; "
+                            f"ask for at least {saved['step']} to continue it, or pass another --out-dir")
         for name, obj in self.state.items():
             obj.load_state_dict(saved[name])
         set_rng_state(saved["rng"])
@@ -226,6 +229,8 @@ class Ladder:
         hold(self.out)
         started = any(self.out.glob("*.pt"))  # with --resume, a log is enough: killed before a checkpoint
         check_start(self.out, started or (resume and (self.out / "log.jsonl").exists()), resume)
+        if resume and not started:
+            print(f"note: the run in {self.out} was stopped before its first checkpoint; it starts at update 0")
         self.metrics = read_json(self.out / "metrics.json") if resume else {}
         self.log = LogWriter(self.out / "log.jsonl", resume=resume)
         self.logged: list = []  # the log as it was when the last finished stage ended
@@ -236,11 +241,20 @@ class Ladder:
         seconds), then saved as <out>/<name>.pt with `saved` (e.g. its step count) and the log. The seconds
         are its Loop's: training only (what ran off the clock is not in them), an interrupted stage's
         time up to its last checkpoint included."""
-        path = self.out / f"{name}.pt"
+        path, progress = self.out / f"{name}.pt", self.out / "progress.pt"
         if path.exists():
             state = load_checkpoint(path, f"{name} checkpoint")
+            if self.teacher and state.get("teacher") not in (None, self.teacher):  # (None: made before students knew)
+                raise UserError(f"{path} was distilled from another teacher (weights {state['teacher']}, this run's "
+                                f"are {self.teacher}); pass the --teacher it was made from, or another --out-dir")
             self.logged = state["log"]
             return load(path), state.get("seconds", state.get("round_time_s", 0.0))  # (older files)
+        if progress.exists():  # an interrupted stage goes on only from the teacher it started from
+            made, now = load_checkpoint(progress, f"{name} progress checkpoint")["config"].get("teacher"), \
+                self.config["teacher"]
+            require(made is None or Path(made).expanduser().resolve() == Path(now).expanduser().resolve(),
+                    f"{progress} was made from --teacher {made}, not "
+                    f"{self.config['teacher']}; pass that --teacher to continue it, or another --out-dir")
         self.log.restore(self.logged)  # drop an interrupted stage's lines (its Loop restores its checkpoint's)
         model, seconds = train()
         self.logged = self.log.records()

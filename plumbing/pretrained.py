@@ -114,13 +114,13 @@ class DiscreteTimeTeacher(nn.Module):
             return alpha * z_t - sigma * out  # x_hat = alpha z - sigma v_hat
         return out  # "sample": the network predicts x itself
 
-    def bottleneck(self, z_t, t, labels=None):
+    def bottleneck(self, z_t, t, labels=None, w=None):
         """The UNet2DModel's middle features (its `mid_block`'s output), what DMD2's GAN classifier reads:
         caught by a forward hook while the whole network runs."""
         caught = []
         hook = self.net.mid_block.register_forward_hook(lambda module, args, out: caught.append(out))
         try:
-            self.forward(z_t, t, labels)
+            self.forward(z_t, t, labels, w)
         finally:
             hook.remove()
         return caught[0]

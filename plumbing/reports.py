@@ -20,12 +20,12 @@ import torch
 from common import Denoiser, ddim_sample, diffuse, guided
 from plumbing.config import sample_shape
 from plumbing.data import toy_dataset
-from plumbing.folders import cache_dir, disback_dir, dmd_dir, teacher_dir
+from plumbing.folders import disback_dir, dmd_dir, teacher_dir
 from plumbing.image_metrics import image_quality
 from plumbing.metrics import (balanced_labels, describe, evaluate_sampler, in_batches, is_measured, picture_count,
                               quality_key, reference_metrics, sample_count, sampler_floor, stored_measurement,
                               write_measurement)
-from plumbing.training import (cached, fingerprint, read_json, samples_per_second, save_figure, save_image_grid,
+from plumbing.training import (fingerprint, read_json, samples_per_second, save_figure, save_image_grid,
                                save_scatter, write_json)
 
 # ==== What every report shares ======================================================================================
@@ -321,34 +321,28 @@ class DMDMonitor:
 
 
 @torch.no_grad()
-def teacher_speed(teacher, config, device, z: torch.Tensor, labels: torch.Tensor, steps: int,
-                  timed_steps: int = 8) -> float:
-    """The teacher's `steps`-step DDIM samples/s on this batch. DDIM costs one network call per step, so
-    `timed_steps` steps are timed and the rate scaled by timed_steps / steps (on images 256 steps would
-    cost minutes on a CPU); cached beside the teacher (`cached`) per teacher, device type and batch size."""
-    path = cache_dir(config) / f"speed_ddim{steps}_{torch.device(device).type}_batch{len(z)}.pt"
-    timed = min(steps, timed_steps)
-
-    def measure() -> dict:
-        rate = samples_per_second(lambda: ddim_sample(teacher, z, timed, labels), len(z), device)
-        return {"samples_per_s": rate * timed / steps}
-
-    key = {"teacher": teacher.fingerprint, "timed_steps": timed}
-    return cached(path, key, measure, "teacher speed")["samples_per_s"]
-
-
-def sampling_speed(sampler, teacher, config: dict, device, generate, teacher_steps: int = 256) -> dict:
-    """Samples per second on one batch after a warm-up, synchronised on CUDA: the generator's K steps
-    (`generate(sampler, z, labels, steps)`) against the teacher's `teacher_steps`-step DDIM."""
+def sampling_speed(sampler, teacher, config: dict, device, generate, teacher_steps: int = 256, timed_steps: int = 8,
+                   repeats: int = 3) -> dict:
+    """Samples per second on one batch, synchronised on CUDA: the generator's K steps
+    (`generate(sampler, z, labels, steps)`) against the teacher's `teacher_steps`-step DDIM, timed in turns
+    (best of `repeats` each, after a warm-up) so that both see the same load, whatever else the machine does
+    (the ratio is of wall-clock rates: DDIM's own arithmetic per step can put it a little above the ratio of
+    calls). DDIM costs one network call per step, so `timed_steps` steps are timed and the rate scaled by
+    timed_steps / teacher_steps (on images 256 steps would cost minutes on a CPU)."""
     n = 2000 if config["net"] == "mlp" else 64
     shape = sample_shape(config)
     z = torch.randn(n, *shape, device=device)
     labels = torch.full((n,), config["num_classes"], device=device)
-
+    timed = min(teacher_steps, timed_steps)
+    samplers = {"generator": lambda: generate(sampler, z, labels, config["steps"]),
+                "teacher": lambda: ddim_sample(teacher, z, timed, labels)}
     sampler.eval()
-    gen = samples_per_second(lambda: generate(sampler, z, labels, config["steps"]), n, device)
+    rates = {name: 0.0 for name in samplers}
+    for _ in range(repeats):
+        for name, fn in samplers.items():  # in turns: generator, teacher, generator, ...
+            rates[name] = max(rates[name], samples_per_second(fn, n, device))
     sampler.train()
-    ddim = teacher_speed(teacher, config, device, z, labels, teacher_steps)
+    gen, ddim = rates["generator"], rates["teacher"] * timed / teacher_steps
     return {"batch": n, "generator": round(gen, 1), f"teacher_ddim_{teacher_steps}": round(ddim, 1),
             "speedup": round(gen / ddim, 1)}
 
@@ -423,8 +417,8 @@ def dmd_mismatch(config: dict, metrics: dict, dmd_metrics: dict, keys) -> str | 
         return "its metrics.json does not record its settings (an older version wrote it); run it again"
     if dmd_metrics.get("teacher") != metrics["teacher"]:
         return f"it was trained from another teacher (weights {dmd_metrics.get('teacher')} vs {metrics['teacher']})"
-    diff = [f"{k}={dmd_metrics['config'].get(k)!r} (DisBack: {config[k]!r})" for k in keys
-            if dmd_metrics["config"].get(k) != config[k]]
+    saved = {**getattr(config, "ADDED", {}), **dmd_metrics["config"]}  # a field added since: what the run had
+    diff = [f"{k}={saved.get(k)!r} (DisBack: {config[k]!r})" for k in keys if saved.get(k) != config[k]]
     return f"its settings differ: {', '.join(diff)}" if diff else None
 
 

@@ -26,18 +26,21 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from plumbing import distributed
+from plumbing import distributed, interrupt
 from plumbing.config import flag_words, out_of_memory
 from plumbing.errors import UserError
 
 
-def run_cli(main) -> None:
-    """Run `main()`; turn a `UserError` into a one-line `error: ...` and exit status 2. Under torchrun,
-    join the process group first (plumbing/distributed.py)."""
-    distributed.setup()
-    if not distributed.is_main():  # one voice: rank 0 prints, the others only their errors
-        sys.stdout = open(os.devnull, "w")
+def run_cli(main, interrupted: str | None = None) -> None:
+    """Run `main()`; turn a `UserError` into a one-line `error: ...` and exit status 2, and Ctrl-C into one line
+    (`interrupted`: what it says for a script without --resume). Under torchrun,
+    join the process group first (plumbing/distributed.py). Ctrl-C is Python's KeyboardInterrupt again from here
+    (plumbing/interrupt.py)."""
+    interrupt.started()
     try:
+        distributed.setup()
+        if not distributed.is_main():  # one voice: rank 0 prints, the others only their errors
+            sys.stdout = open(os.devnull, "w")
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -48,9 +51,9 @@ def run_cli(main) -> None:
         print(f"error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:  # a Loop stopped by Ctrl-C says what it saved; otherwise it stopped mid-update
-        print(f"interrupted: {e}" if str(e) else "interrupted: rerun the command with --resume to continue from the "
-              "run's last checkpoint (one is written every --ckpt-every updates or --ckpt-seconds), or without "
-              "--resume if it had none yet", file=sys.stderr)
+        print(f"interrupted: {e}" if str(e) else f"interrupted: {interrupted}" if interrupted else "interrupted: rerun "
+              "the command with --resume to continue from the run's last checkpoint (one is written every "
+              "--ckpt-every updates or --ckpt-seconds), or without --resume if it had none yet", file=sys.stderr)
         raise SystemExit(130) from None
 
 
@@ -241,7 +244,10 @@ def fingerprint(state_dict: dict) -> str:
 
 
 def check_compatible(saved: dict, config: dict, keys, what: str, path) -> None:
-    """Fail with one line if a checkpoint was made with a different data set or network."""
+    """Fail with one line if a checkpoint was made with a different data set or network. A field the config
+    class added after the checkpoint was written compares as the value such checkpoints had in effect
+    (`Config.ADDED`)."""
+    saved = {**getattr(config, "ADDED", {}), **saved}
     diff = [k for k in keys if saved.get(k) != config.get(k)]
     if diff:
         detail = ", ".join(f"{k}={saved.get(k)!r} (now {config.get(k)!r})" for k in diff)

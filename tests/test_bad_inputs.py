@@ -6,8 +6,12 @@ a damaged checkpoint. Fast: the runs here take a few updates of a 32-wide toy ne
 import fcntl
 import gzip
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -47,6 +51,8 @@ def files(tmp_path, tiny_teacher):
     for kind in ("dmd", "student_4", "stage1"):
         save_checkpoint(tmp_path / f"{kind}.pt", {"kind": kind, "config": config, "step": 3})
     (tmp_path / "mine").mkdir()
+    (tmp_path / "pictures").mkdir()  # a teacher's picture folder, beside its checkpoint pictures.pt
+    (tmp_path / "pictures.pt").write_bytes((tiny_teacher / "teacher.pt").read_bytes())
     (tmp_path / "mine" / "my.pt").write_bytes((tiny_teacher / "teacher.pt").read_bytes())
     return tmp_path
 
@@ -79,6 +85,11 @@ BATTERY = [  # (script, arguments after --preset toy --device cpu --out-dir <tmp
     ("guided", ["--eval-ws", "0", "6"], "--eval-ws 6: outside the trained range [0, 4]"),
     ("dmd", ["--tag", "a/b"], "use no path separators"),
     ("disback", ["--tag", "../b"], "use no path separators"),
+    ("dmd", ["--tag", "x" * 300], "at most 64 characters"),
+    ("disback", ["--snapshots", "2", "--record-iterations", "4", "--interval", "100", "--dmd-iterations", "4"],
+     "reach the teacher only at update 100, and the run has 4 (--dmd-iterations)"),
+    ("pd", ["--round-iterations", "0"], "--round-iterations and --pd-batch-size must be at least 1"),
+    ("guided", ["--pd-batch-size", "-4"], "--round-iterations and --pd-batch-size must be at least 1"),
     ("dmd", ["--reg-pairs", "0"], "needs --reg-pairs and --reg-steps of at least 1"),
     ("dmd", ["--dmd-label-dropout", "2"], "--dmd-label-dropout must be in [0, 1]"),
     ("dmd", ["--teacher", "{tmp}/missing.pt"], "no teacher at"),
@@ -89,6 +100,8 @@ BATTERY = [  # (script, arguments after --preset toy --device cpu --out-dir <tmp
     ("train_teacher", ["--resume"], "nothing to resume"),
     ("train_teacher", ["--teacher", "{tmp}/mine/my.pt", "--hidden", "32"], "or another --teacher path"),
     ("dmd", ["--teacher", "{tmp}/mine"], "is a folder; name the checkpoint in it (e.g. {tmp}/mine/teacher.pt)"),
+    ("dmd", ["--teacher", "{tmp}/pictures"], "is a folder; name the checkpoint beside it, {tmp}/pictures.pt"),
+    ("train_teacher", ["--teacher", "{tmp}/model"], "give it the .pt suffix ({tmp}/model.pt)"),
     ("dmd", ["--teacher", "{tmp}/mine/my.pt"], "hidden=32 (now 256); pass the values it was made with (--hidden 32)"),
     ("evaluate", ["--teacher-steps", "0", "4"], "--teacher-steps must all be at least 1, got 0 4"),
     ("pd", ["--resume"], "nothing to resume"),
@@ -189,6 +202,46 @@ def test_a_named_teacher_is_read_never_written(tmp_path, tiny_teacher, capsys):
     assert (dmd_dir(dmd.DMDConfig.from_preset("toy", out_dir=str(tmp_path / "run"))) / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("named", [False, True])
+def test_a_finished_teacher_is_never_trained_on_by_a_method(tmp_path, tiny_teacher, capsys, named):
+    # The run folder's own teacher finished its 5 updates; a method run without --iterations 5 (default 20000), or
+    # naming that very file with --teacher, uses it as it is and says so: it is not trained on in place.
+    folder = with_teacher(tmp_path / "run", tiny_teacher)
+    before = (folder / "teacher.pt").read_bytes()
+    args = ["--preset", "toy", "--device", "cpu", "--out-dir", str(folder), "--hidden", "32", "--dmd-iterations", "2",
+            "--dmd-batch-size", "32", "--eval-every", "2", "--eval-samples", "20", "--eval-steps", "1",
+            "--reg-pairs", "16", "--reg-steps", "2", *(["--teacher", str(folder / "teacher.pt")] if named else [])]
+    dmd.main(args)
+    assert (folder / "teacher.pt").read_bytes() == before
+    assert "finished its 5 updates and is used as it is" in capsys.readouterr().out
+
+
+def test_resuming_with_a_smaller_budget_than_was_run_is_refused(tmp_path, tiny_teacher):
+    config = dmd_config(tmp_path, tiny_teacher, dmd_iterations=4, eval_every=4)
+    dmd.train_dmd(config)
+    with pytest.raises(UserError, match="has 4 updates, more than the 2 this run asks for; ask for at least 4"):
+        dmd.train_dmd(config.replace(dmd_iterations=2, eval_every=2), resume=True)
+
+
+def test_a_ladder_goes_on_only_from_the_teacher_it_started_from(tmp_path):
+    # PD's and guided distillation's runs (plumbing.loop.Ladder): a finished student from other teacher weights, or
+    # an interrupted round started from another --teacher, is refused, not continued as if it were this teacher's.
+    from plumbing.loop import Ladder
+
+    config = TeacherConfig.from_preset("toy", out_dir=str(tmp_path), teacher=str(tmp_path / "a.pt"))
+    model = torch.nn.Linear(1, 1)
+    ladder = Ladder(tmp_path / "pd", config, resume=False)
+    ladder.teacher = "weights-a"
+    ladder.stage("student_4", lambda: (model, 1.0), lambda path: model, steps=4)  # records weights-a
+    again = Ladder(tmp_path / "pd", config.replace(teacher=str(tmp_path / "b.pt")), resume=True)
+    again.teacher = "weights-b"
+    with pytest.raises(UserError, match="distilled from another teacher .weights weights-a, this run's are weights-b"):
+        again.stage("student_4", lambda: (model, 1.0), lambda path: model, steps=4)
+    save_checkpoint(tmp_path / "pd" / "progress.pt", {"kind": "pd", "config": config, "step": 1})  # round 4 -> 2
+    with pytest.raises(UserError, match=f"was made from --teacher {tmp_path / 'a.pt'}, not {tmp_path / 'b.pt'}"):
+        again.stage("student_2", lambda: (model, 1.0), lambda path: model, steps=2)
+
+
 def dmd_config(folder, teacher_folder, **overrides):
     folder = with_teacher(folder, teacher_folder)
     return dmd.DMDConfig.from_preset("toy", **{
@@ -225,6 +278,45 @@ def test_ctrl_c_saves_the_update_and_resume_ends_equal(tmp_path, tiny_teacher, m
     for key in ("generator", "fake_score"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert log_records(dmd_dir(part)) == log_records(dmd_dir(whole))
+
+
+ROOT = Path(__file__).resolve().parent.parent
+ENTRY_SCRIPTS = [*(f"{name}.py" for name in ("train_teacher", "progressive_distill", "guided_distill", "dmd", "disback",
+                                               "evaluate")),
+                 *(f"tools/{p.name}" for p in sorted((ROOT / "tools").glob("*.py")))]
+
+
+@pytest.mark.parametrize("script", ENTRY_SCRIPTS)
+def test_every_script_can_be_interrupted_while_torch_loads(script):
+    # Importing torch takes seconds: Ctrl-C then must be one line, not an import traceback. The script's first
+    # import of torch or of this repository is plumbing.interrupt, which catches it.
+    text = (ROOT / script).read_text()
+    first = re.search(r"^(import|from) (torch|common|dmd|disback|train_teacher|plumbing)\b.*$", text, re.M)
+    assert first and first.group(0).startswith("import plumbing.interrupt"), (script, first and first.group(0))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["tools/gpu_check.py", "--tiny", "--device", "cpu", "--out-dir", "{tmp}/a_file/run"], "a_file is a file"),
+    (["tools/gpu_check.py", "--tiny", "--device", "cpu", "--out-dir", "{tmp}/run", "--docs", "{tmp}/a_file/d"],
+     "--docs {tmp}/a_file/d: {tmp}/a_file is a file, not a folder; pass another --docs"),
+    (["notebooks/refresh.py", "../README.md"], "no notebook README.md in"),
+])
+def test_the_tools_bad_inputs_are_one_line(argv, message, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder\n")
+    result = subprocess.run([sys.executable, *(a.format(tmp=tmp_path) for a in argv)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message.format(tmp=tmp_path) in lines[0], lines
+
+
+def test_ctrl_c_while_torch_loads_is_one_line():
+    code = (f"import os, signal, sys; sys.modules['__main__'].__file__ = {str(ROOT / 'dmd.py')!r}; "
+            "import plumbing.interrupt; os.kill(os.getpid(), signal.SIGINT); import torch; print('not reached')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and "not reached" not in result.stdout, result.stdout + result.stderr
+    assert result.stderr.splitlines() == ["interrupted before the command started its work; nothing was written"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # imported by a test: nothing changed
 
 
 def test_a_long_update_gap_is_checkpointed_by_the_clock(tmp_path, tiny_teacher, monkeypatch):

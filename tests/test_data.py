@@ -59,8 +59,11 @@ def test_image_stream_is_resumable(tmp_path):
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
-def test_fashion_mnist_from_debian():
+def test_fashion_mnist_from_debian(tmp_path, capsys):
     x, y = load_fashion_mnist(None, train=False, download=False)
+    assert not capsys.readouterr().out
+    load_fashion_mnist(str(tmp_path), train=False, download=False)  # a --data-dir without it: which folder is used
+    assert capsys.readouterr().out == f"note: no Fashion-MNIST in --data-dir {tmp_path}; using {DEBIAN_FASHION_MNIST}\n"
     assert x.shape == (10_000, 1, 32, 32) and x.dtype == torch.uint8
     assert y.min() == 0 and y.max() == 9 and torch.bincount(y).tolist() == [1000] * 10
     assert x[:, :, :2].max() == 0 and x[:, :, :, -2:].max() == 0  # zero padding around 28x28

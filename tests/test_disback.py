@@ -105,7 +105,8 @@ def test_both_stages_resume_exactly(tmp_path, toy_teacher, monkeypatch):
 def test_disback_is_compared_only_with_a_dmd_run_of_the_same_settings(tmp_path):
     # compare_with_dmd on written metrics: DMD's run with another seed, budget, learning rate, evaluation cadence,
     # tag or teacher is not compared, and the reason says which; the same settings are compared.
-    config = disback.DisBackConfig.from_preset("toy", out_dir=str(tmp_path), dmd_iterations=20, eval_every=10)
+    config = disback.DisBackConfig.from_preset("toy", out_dir=str(tmp_path), dmd_iterations=20, eval_every=10,
+                                                interval=1)
     history = [{"step": 0, "off_mode": 1.0, "mmd": 0.5}, {"step": 10, "off_mode": 0.4, "mmd": 0.1},
                {"step": 20, "off_mode": 0.2, "mmd": 0.05}]
     mine = {"final": history[-1], "history": history, "teacher": "t0", "teacher_reached_at": 0}

@@ -123,6 +123,69 @@ def test_backward_simulation_draws_each_samples_step():
     assert torch.equal(z_1, z[:8]) and torch.equal(t_1, torch.ones(8))  # K = 1: the noise at t = 1
 
 
+@pytest.mark.parametrize("knows", [True, False])
+def test_a_k_step_fake_score_told_the_step_learns_each_steps_samples(knows):
+    # A 2-step generator whose first step makes the point (2, 2) and whose second makes (-2, -2). Told the step, the
+    # fake score learns each step's own samples: its x prediction from a fully noised input is each step's mean.
+    # Not told, it learns their mix (mean 0), and distribution matching could only pull the mix to the data:
+    # the steps could drift apart as long as they average out (docs/results.md, "DMD2's 4-step generator").
+    from common import Denoiser, MLPDenoiserNet
+
+    def generator(z_t, t, labels):
+        return torch.where(t[:, None] == 1.0, 2.0, -2.0).expand_as(z_t)
+
+    torch.manual_seed(0)
+    config = dmd.DMDConfig.from_preset("toy", steps=2, fake_knows_step=knows, grad_clip=10.0, dmd_batch_size=256)
+    fake_score = Denoiser(MLPDenoiserNet(8, hidden=32, depth=2))
+    if dmd.knows_step(config):
+        fake_score.net.enable_w_embedding()
+    assert dmd.knows_step(config) == knows
+    opt = dmd.adamw(fake_score, 1e-2)
+    for _ in range(300):
+        z, labels = torch.randn(256, 2), torch.full((256,), 8)
+        dmd.fake_score_update(fake_score, opt, generator, z, labels, config)
+    z_t, labels = torch.randn(512, 2), torch.full((512,), 8)
+    with torch.no_grad():
+        first, second = (dmd.at_step(fake_score, torch.full((1,), t_k), config)(z_t, 0.98, labels).mean(0)
+                         for t_k in (1.0, 0.5))
+    if knows:
+        assert (first > 1.5).all() and (second < -1.5).all(), (first, second)
+    else:
+        assert torch.allclose(first, second) and first.abs().max() < 0.5, (first, second)
+
+
+def test_the_step_embedding_starts_at_zero_and_one_step_runs_have_none():
+    # The fake score told the step starts as the teacher exactly (the embedding's output layer is zero), and a
+    # one-step run never has one: its fake score is the teacher's network as it was.
+    from common import Denoiser, MLPDenoiserNet
+
+    torch.manual_seed(0)
+    net = Denoiser(MLPDenoiserNet(8, hidden=16, depth=1))
+    z_t, labels = torch.randn(8, 2), torch.full((8,), 8)
+    plain = net(z_t, 0.5, labels)
+    net.net.enable_w_embedding()
+    told = dmd.at_step(net, torch.rand(8), dmd.DMDConfig.from_preset("toy", steps=4))
+    assert isinstance(told, dmd.StepAware) and torch.equal(told(z_t, 0.5, labels), plain)
+    assert dmd.at_step(net, torch.ones(8), dmd.DMDConfig.from_preset("toy", steps=1)) is net
+
+
+def test_runs_saved_before_the_step_input_existed_resume_as_they_were_made():
+    # A checkpoint without `fake_knows_step` had a fake score without the step input (DMDConfig.ADDED): a one-step
+    # run resumes (there is no step to tell), a 4-step one is refused with the flag that makes it resumable.
+    from plumbing.training import check_compatible
+
+    one, four = (dmd.DMDConfig.from_preset("toy", steps=k) for k in (1, 4))
+    assert not one.fake_knows_step and four.fake_knows_step
+    for config in (one, four):
+        saved = {k: v for k, v in config.as_dict().items() if k != "fake_knows_step"}
+        if config.steps == 1:
+            check_compatible(saved, config, dmd.RUN_KEYS, "DMD checkpoint", "x")
+        else:
+            with pytest.raises(UserError, match=r"fake_knows_step=False \(now True\); pass the values it was made "
+                                                r"with \(--no-fake-knows-step\)"):
+                check_compatible(saved, config, dmd.RUN_KEYS, "DMD checkpoint", "x")
+
+
 def test_each_steps_prediction_is_the_one_the_sampler_makes():
     # tools/dmd_steps.py measures the k-th step's x prediction: k = K - 1 is the sample itself, and k = 0 the
     # generator at t = 1 on the pure noise

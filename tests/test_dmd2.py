@@ -17,7 +17,7 @@ from plumbing.folders import dmd_dir
 class Identity(torch.nn.Module):
     """A 'fake score' whose bottleneck is the noised point itself: the classifier sees F(x, t) directly."""
 
-    def bottleneck(self, z_t, t, labels):
+    def bottleneck(self, z_t, t, labels, w=None):
         return z_t
 
 

@@ -8,7 +8,9 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,10 +62,12 @@ def test_json_and_exit_code(capsys):
     assert out["functions"]["snapshot_index"]["results"][0]["status"] == "stub"
     assert check.main(["disback", "--reference"]) == 0
     assert capsys.readouterr().out.strip().endswith(f"{out['checks']} of {out['checks']} checks passed")
-    assert check.main(["nosuchtopic"]) == 2
-    assert check.main(["--from"]) == 2 and check.main(["--from", "no/such/folder"]) == 2  # not the folder "."
-    assert check.main(["--time-limit", "soon"]) == 2
-    capsys.readouterr()
+    empty = Path(tempfile.mkdtemp())  # a folder without the exercise files: the wrong folder, not a failing student
+    for argv in (["nosuchtopic"], ["--from"], ["--from", "no/such/folder"], ["--from", str(empty), "basics"],
+                 ["--time-limit", "soon"], ["--time-limit", "0.001"], ["--time-limit", "inf"], ["--jsn"]):
+        assert check.main(argv) == 2, argv  # a usage error: status 2, one line on stderr, nothing on stdout
+        out, err = capsys.readouterr()
+        assert not out and len(err.splitlines()) == 1 and err.startswith("error: "), (argv, out, err)
     assert check.main(["--help"]) == 0 and "python exercises/check.py --json" in capsys.readouterr().out
 
 
@@ -679,7 +683,7 @@ def test_make_refuses_to_overwrite_an_edited_exercise(tmp_path, monkeypatch):
     assert make.unedited(path.read_text())
     edited = path.read_text().replace("raise NotImplementedError(", "return 0  # mine\n    raise NotImplementedError(")
     path.write_text(edited)
-    assert make.main([]) == 1 and path.read_text() == edited
+    assert make.main([]) == 2 and path.read_text() == edited
     assert make.main(["--force"]) == 0 and path.read_text() == make.render("disback")
 
 
@@ -823,11 +827,13 @@ def test_make_never_hands_out_over_answers_nor_into_the_repository(tmp_path, cap
     answered = stub.read_text() + "\n# my answers\n"
     stub.write_text(answered)
     capsys.readouterr()
-    assert make.main(["--handout", str(tmp_path)]) == 1 and stub.read_text() == answered
-    assert "exercises/disback.py" in capsys.readouterr().out
+    assert make.main(["--handout", str(tmp_path)]) == 2 and stub.read_text() == answered
+    assert "exercises/disback.py" in capsys.readouterr().err
     assert make.main(["--handout", str(tmp_path), "--force"]) == 0 and stub.read_text() != answered
+    capsys.readouterr()
     for inside in (make.ROOT, make.HERE, make.HERE / "handout", make.ROOT / "runs" / "handout"):
         with pytest.raises(make.Refused, match="inside the repository"):
             make.handout(inside, force=True)
     assert make.main(["--handuot", str(tmp_path)]) == 2  # a mistyped flag does nothing but say so
-    assert "unknown argument '--handuot'" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert not out and err.startswith("error: unknown argument '--handuot'") and len(err.splitlines()) == 1

@@ -126,7 +126,8 @@ def test_generator_samples_are_backward_simulated():
     z, labels = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0)), torch.full((4000,), 8)
     torch.manual_seed(0)
     final = dmd.generate(mix.denoiser, z, labels, 4)
-    seen = dmd.generator_samples(mix.denoiser, z, labels, 4)
+    seen, t_k = dmd.generator_samples(mix.denoiser, z, labels, 4)
+    assert torch.equal(seen[t_k == 1.0], mix.denoiser(z[t_k == 1.0], 1.0, labels[t_k == 1.0]))  # k = 0: from z itself
     near_origin = (final.norm(dim=1) < 0.5).float().mean().item(), (seen.norm(dim=1) < 0.5).float().mean().item()
     assert near_origin[0] < 0.15 and near_origin[1] > 0.4, near_origin
 
@@ -293,36 +294,19 @@ def test_every_checkpoint_of_a_run_loads_weights_only(tmp_path, toy_teacher):
         assert isinstance(state, dict), p
 
 
-def test_the_teachers_speed_is_measured_once_per_teacher(tmp_path, toy_teacher, monkeypatch):
+def test_the_generator_and_teacher_are_timed_in_turns(tmp_path, toy_teacher, monkeypatch):
+    # The speed-up is a ratio of two timings: taken in turns, in one call, so that a load that comes or goes
+    # between them cannot make it more than the ratio of network calls (a cached teacher timing could).
     from plumbing import reports
 
     config = dmd_config(tmp_path, toy_teacher)
     teacher = load_teacher(config, CPU, train_if_missing=False)
-    z, labels = torch.randn(64, 2), torch.full((64,), 8)
-    first = reports.teacher_speed(teacher, config, CPU, z, labels, 16)
-    calls = []
-    monkeypatch.setattr(reports, "ddim_sample", lambda *args: calls.append(args))
-    assert reports.teacher_speed(teacher, config, CPU, z, labels, 16) == first and not calls  # from the cache
-    teacher.fingerprint = "another teacher"
-    reports.teacher_speed(teacher, config, CPU, z, labels, 16)
-    assert calls  # measured again for another teacher
-
-
-def test_the_teachers_speed_is_kept_like_every_cache(tmp_path, monkeypatch):
-    # One cache helper (plumbing.training.cached) for the regression set, the classifier and the teacher's speed:
-    # keyed on the teacher's weights and the timed steps, in a file per device type and batch size.
-    from common import Denoiser, MLPDenoiserNet
-    from plumbing import reports
-
-    teacher = Denoiser(MLPDenoiserNet(8, hidden=16, depth=1)).eval().requires_grad_(False)
-    teacher.fingerprint = "t0"
-    kept, real = [], reports.cached
-    monkeypatch.setattr(reports, "cached", lambda path, key, make, what: kept.append((path.name, key)) or
-                        real(path, key, make, what))
-    config = TeacherConfig.from_preset("toy", out_dir=str(tmp_path))
-    speed = reports.teacher_speed(teacher, config, CPU, torch.randn(32, 2), torch.full((32,), 8), 16)
-    assert kept == [("speed_ddim16_cpu_batch32.pt", {"teacher": "t0", "timed_steps": 8})] and speed > 0
-    assert reports.teacher_speed(teacher, config, CPU, torch.randn(32, 2), torch.full((32,), 8), 16) == speed
+    turns, real_ddim = [], reports.ddim_sample
+    monkeypatch.setattr(reports, "ddim_sample", lambda m, z, n, c: turns.append("teacher") or real_ddim(m, z, n, c))
+    speed = reports.sampling_speed(teacher, teacher, config, CPU, lambda *a: turns.append("generator") or a[1],
+                                   repeats=3)
+    assert turns == ["generator", "generator", "teacher", "teacher"] * 3  # a warm-up call, then the timed one
+    assert speed["speedup"] > 0 and not list(tmp_path.rglob("speed_*"))  # nothing cached
 
 
 def test_the_teachers_speed_is_scaled_from_a_few_steps(tmp_path, toy_teacher, monkeypatch):
@@ -336,7 +320,8 @@ def test_the_teachers_speed_is_scaled_from_a_few_steps(tmp_path, toy_teacher, mo
     z, labels = torch.randn(2000, 2), torch.full((2000,), 8)
     steps_run, real_ddim = [], reports.ddim_sample
     monkeypatch.setattr(reports, "ddim_sample", lambda m, z, n, c: steps_run.append(n) or real_ddim(m, z, n, c))
-    scaled = reports.teacher_speed(teacher, config, CPU, z, labels, 64)
+    speed = reports.sampling_speed(teacher, teacher, config, CPU, lambda *a: a[1], teacher_steps=64)
+    scaled = speed["teacher_ddim_64"]
     assert set(steps_run) == {8}
     real = samples_per_second(lambda: real_ddim(teacher, z, 64, labels), len(z), CPU, repeats=3)
     assert 0.5 < scaled / real < 2.0, (scaled, real)  # measured: within 10% on 2 cores

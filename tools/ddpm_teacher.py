@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import plumbing.interrupt  # noqa: E402, F401  (first: Ctrl-C while torch loads is one line)
 
 import torch  # noqa: E402
 

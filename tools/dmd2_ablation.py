@@ -25,6 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+import plumbing.interrupt  # noqa: E402, F401  (first: Ctrl-C while torch loads is one line)
 
 import dmd  # noqa: E402
 from plumbing.errors import require  # noqa: E402
@@ -48,7 +49,8 @@ def run_variant(config: dmd.DMDConfig) -> dict:
     out = dmd_dir(config)
     if (out / "metrics.json").exists():
         metrics = read_json(out / "metrics.json")
-        mismatch = [k for k in dmd.RUN_KEYS if metrics["config"].get(k) != config[k]]
+        saved = {**config.ADDED, **metrics["config"]}  # a field added since: what the run had in effect
+        mismatch = [k for k in dmd.RUN_KEYS if saved.get(k) != config[k]]
         if not mismatch and metrics["final"]["step"] == config.dmd_iterations:
             print(f"re-using {out}")
             return metrics
@@ -146,4 +148,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupted="rerun the command: finished runs are re-used, and the interrupted one resumes from "
+                              "its last checkpoint")

@@ -16,18 +16,21 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+import plumbing.interrupt  # noqa: E402, F401  (first: Ctrl-C while torch loads is one line)
+
+import torch  # noqa: E402
 
 import dmd  # noqa: E402
-from plumbing.config import NetworkConfig  # noqa: E402
+from plumbing.config import NetworkConfig, sample_shape  # noqa: E402
+from plumbing.data import load_images, toy_dataset  # noqa: E402
 from plumbing.errors import require  # noqa: E402
 from plumbing.folders import dmd_dir  # noqa: E402
 from plumbing.metrics import evaluate_sampler, quality_key  # noqa: E402
 from plumbing.networks import frozen_denoiser  # noqa: E402
-from plumbing.training import fingerprint, load_checkpoint, pick_device, run_cli, write_json  # noqa: E402
+from plumbing.training import (fingerprint, load_checkpoint, pick_device, run_cli, seeded_rng,  # noqa: E402
+                               write_json)
 from train_teacher import load_teacher  # noqa: E402
 
 
@@ -38,13 +41,24 @@ def prediction_at(generator, z: torch.Tensor, labels: torch.Tensor, steps: int, 
     return generator(z_k, torch.full((len(z),), t_k, device=z.device), labels)
 
 
-def measure(model, config: dmd.DMDConfig, folder: Path, device, name: str) -> list[dict]:
+@torch.no_grad()
+def pixel_stats(x: torch.Tensor) -> dict:
+    """The mean and standard deviation of the pixels (toy: of the coordinates): a step that is too dark or too
+    flat shows here, and steps that drift apart in ways that cancel show as means on both sides of the data's."""
+    return {"pixel_mean": x.mean().item(), "pixel_std": x.std().item()}
+
+
+def measure(model, config: dmd.DMDConfig, folder: Path, device, name: str, n: int = 1000) -> list[dict]:
     rows = []
+    g = torch.Generator().manual_seed(config.eval_seed)
+    z, labels = torch.randn(n, *sample_shape(config), generator=g), dmd.sample_labels(n, config, g)
     for k, t_k in enumerate(dmd.generator_times(config.steps)):
         result = evaluate_sampler(lambda z, c, n, k=k: prediction_at(model, z, c, config.steps, k), config,
                                   folder / f"{name}_step{k}", [config.steps], device,
                                   weights=f"{name} step {k} of {config.steps}:{fingerprint(model.state_dict())}")
-        rows.append({"k": k, "t_k": t_k, **result[config.steps]})
+        with seeded_rng(config.eval_seed, device):  # the fresh noise between steps
+            x = prediction_at(model, z.to(device), labels.to(device), config.steps, k)
+        rows.append({"k": k, "t_k": t_k, **result[config.steps], **pixel_stats(x)})
     return rows
 
 
@@ -70,7 +84,9 @@ def main(argv=None) -> None:
     teacher = load_teacher(config, device, train_if_missing=False)
     rows = {"G_0 (the teacher)": measure(teacher, config, out / "steps", device, "teacher"),
             f"generator after {state['step']} updates": measure(generator, config, out / "steps", device, "generator")}
-    write_json(out / "steps.json", rows)
+    data = (load_images(config)[0][:1000].float() / 127.5 - 1 if config.net != "mlp"
+            else toy_dataset(config.data).sample(1000, torch.Generator().manual_seed(config.eval_seed))[0])
+    write_json(out / "steps.json", {**rows, "data": pixel_stats(data)})
     key = quality_key(rows["G_0 (the teacher)"][0])
     extra = "accuracy" if "accuracy" in rows["G_0 (the teacher)"][0] else "off_mode"
     print(f"{key} ({extra}) of each step's x prediction, {out}")
@@ -78,7 +94,13 @@ def main(argv=None) -> None:
     print("|---|" + "---|" * config.steps)
     for name, rs in rows.items():
         print(f"| {name} | " + " | ".join(f"{r[key]:.3g} ({r[extra]:.1%})" for r in rs) + " |")
+    ref = pixel_stats(data)
+    print(f"\npixel mean / std of each step's x prediction (1000 samples); the data's: {ref['pixel_mean']:.3f} / "
+          f"{ref['pixel_std']:.3f}")
+    for name, rs in rows.items():
+        print(f"| {name} | " + " | ".join(f"{r['pixel_mean']:.3f} / {r['pixel_std']:.3f}" for r in rs) + " |")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupted="the measurements already made are kept (measurements.json in the run folder); rerun "
+                              "the command and it measures only the rest")

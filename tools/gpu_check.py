@@ -34,6 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+import plumbing.interrupt  # noqa: E402, F401  (first: Ctrl-C while torch loads is one line)
 
 import torch  # noqa: E402
 
@@ -43,7 +44,7 @@ import guided_distill  # noqa: E402
 import progressive_distill  # noqa: E402
 import train_teacher  # noqa: E402
 from common import Denoiser, diffusion_loss, trainable_copy  # noqa: E402
-from plumbing.config import sample_shape  # noqa: E402
+from plumbing.config import check_writable, sample_shape  # noqa: E402
 from plumbing.errors import UserError, require  # noqa: E402
 from plumbing.networks import build_network  # noqa: E402
 from plumbing.training import autocast, optimizer_step, pick_device, prepare_network, run_cli  # noqa: E402
@@ -336,6 +337,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     require(args.minutes > 0, f"--minutes must be above 0, got {args.minutes:g}")
     device, budget, start = pick_device(args.device), args.minutes * 60, time.perf_counter()
+    check_writable(args.out_dir)
+    check_writable(args.docs, "--docs")
     out, marker = Path(args.out_dir), Path(args.out_dir) / ".gpu_check"
     if out.exists() and any(out.iterdir()) and not marker.exists():  # a folder it did not make is never emptied
         raise UserError(f"--out-dir {out} holds files this check did not write; give an empty or new folder")
@@ -362,4 +365,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupted="nothing to resume; rerun the command to measure again")
