@@ -243,8 +243,9 @@ def write_results(config: EvalConfig, rows: list[Row], missing: list[str], devic
     toy = config.net == "mlp"
     ref = next((r for r in rows if r.method == "teacher DDIM" and r.steps == 256), None)
     ref_speed = ref.metrics["samples_per_s"] if ref else None
+    measured_by = config.command("evaluate.py", fields=type(config).own_fields())  # its own flags too (--num-samples)
     lines = [f"# Results: preset `{config.preset}`", "",
-             f"Measured by `{config.command('evaluate.py')}` on {device_name(device)} in "
+             f"Measured by `{measured_by}` on {device_name(device)} in "
              f"{seconds:.0f} s.", "",
              f"Protocol: {config.num_samples} samples per row from the shared evaluation noise "
              f"(seed {config.eval_seed}); " +

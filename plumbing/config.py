@@ -172,6 +172,14 @@ class NetworkConfig(Config):
                 f"--net {self.net} does not fit --data {self.data}: toy data uses --net mlp, images --net unet")
         for name in ("hidden", "depth", "channels", "num_res_blocks", "image_size"):
             require(self[name] >= 1, f"{flag(name)} must be at least 1, got {self[name]}")
+        defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(NetworkConfig)}
+        other = ("channels", "ch_mult", "num_res_blocks", "attn_res", "image_size") if self.net == "mlp" else \
+            ("hidden", "depth")  # the other network's settings: ignored, yet stored with the checkpoint
+        changed = [name for name in other if self[name] != defaults[name]]
+        require(not changed, f"{flag(changed[0]) if changed else ''} is for "
+                f"{'images (the UNet)' if self.net == 'mlp' else 'toy data (the MLP)'}: this run's network is "
+                f"{'an MLP (--hidden, --depth)' if self.net == 'mlp' else 'a UNet (--channels, --ch-mult, ...)'}")
         require(min(self.ch_mult) >= 1, f"--ch-mult must all be at least 1, got {self.ch_mult}")
         levels = 2 ** (len(self.ch_mult) - 1)  # the UNet halves the size between levels
         require(self.net == "mlp" or (self.image_size >= levels and self.image_size % levels == 0),
@@ -261,16 +269,16 @@ class RunConfig(NetworkConfig):
         self.data_dir = None if self.data_dir is None else str(self.data_dir)
         super().__post_init__()
 
-    def command(self, script: str, *extra: str) -> str:
-        """`python <script> --preset P ...` with this run's folders, data and network flags where they are not the
-        preset's, so that a command suggested to the user makes what this run looks for."""
+    def command(self, script: str, *extra: str, fields: tuple = ()) -> str:
+        """`python <script> --preset P ...` with this run's folders, data and network flags (and `fields`) where they
+        are not the preset's, so that a command suggested to the user makes what this run looks for."""
         preset = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
                   for f in dataclasses.fields(self)}
         for klass in reversed(type(self).__mro__):
             preset.update(klass.__dict__.get("PRESETS", {}).get(self.preset, {}))
         preset.update(out_dir=str(Path("runs") / self.preset), teacher=str(Path(self.out_dir) / "teacher.pt"))
         words = ["python", script, "--preset", self.preset]
-        for name in (*self.network_keys(), "data_dir", "out_dir", "teacher"):
+        for name in (*self.network_keys(), "data_dir", "out_dir", "teacher", *fields):
             value = self[name]
             if value == preset[name] or value is None:
                 continue

@@ -85,6 +85,8 @@ BATTERY = [  # (script, arguments after --preset toy --device cpu --out-dir <tmp
     ("guided", ["--eval-ws", "0", "6"], "--eval-ws 6: outside the trained range [0, 4]"),
     ("dmd", ["--tag", "a/b"], "use no path separators"),
     ("disback", ["--tag", "../b"], "use no path separators"),
+    ("train_teacher", ["--channels", "7"], "--channels is for images (the UNet): this run's network is an MLP"),
+    ("train_teacher", ["--preset", "fmnist16", "--hidden", "32"], "--hidden is for toy data (the MLP)"),
     ("dmd", ["--tag", "x" * 300], "at most 64 characters"),
     ("disback", ["--snapshots", "2", "--record-iterations", "4", "--interval", "100", "--dmd-iterations", "4"],
      "reach the teacher only at update 100, and the run has 4 (--dmd-iterations)"),

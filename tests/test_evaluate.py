@@ -72,6 +72,7 @@ def test_the_command_makes_the_table_and_plot_and_agrees_with_the_students(tmp_p
 
     table = (tmp_path / "results.md").read_text()
     assert "| PD | 2 | 2 |" in table and "| DMD | 1 | 1 |" in table and "500 samples per row" in table
+    assert "--num-samples 500 --speed-batch 256 --teacher-steps 1 4 256`" in table  # rerun, it measures the same
     # the commands it suggests make what it looks for: into this --out-dir, not runs/toy
     assert f"guided: missing (make it with `python guided_distill.py --preset toy --out-dir {tmp_path}`)" in table
     assert "DisBack: missing" in table
