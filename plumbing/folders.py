@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from plumbing import distributed
-from plumbing.errors import UserError
+from plumbing.errors import UserError, require
 from plumbing.pretrained import is_pretrained, pretrained_name
 
 _held: dict = {}  # the run folders this process holds: {folder: its open .lock file}
@@ -71,10 +71,28 @@ def tagged(config: dict) -> str:
 def check_start(folder, started: bool, resume: bool | None, new_run: str = "--out-dir") -> None:
     """Before any work: a folder that holds an earlier run (`started`) is continued only with --resume (`resume`
     True, or None: either), and --resume needs one. `new_run`: how to start another run instead."""
+    if (started and resume is False) or (not started and resume is True):
+        owner = holder(folder)  # a run still under way: that is what to say, whatever it has written yet
+        require(owner is None, f"{folder} is in use by another run ({owner}); wait for it to end, or pass another "
+                "--out-dir")
     if started and resume is False:
         raise UserError(f"{folder} holds an earlier run; pass --resume to continue it, or {new_run} for a new run")
     if not started and resume is True:
         raise UserError(f"nothing to resume in {folder}; run the command without --resume to start")
+
+
+def holder(folder) -> str | None:
+    """Who holds the run folder (`hold`), if another process does; None if none (or this one) does."""
+    folder = Path(folder)
+    if folder.resolve() in _held or not (folder / ".lock").is_file():
+        return None
+    with open(folder / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: released when the file closes
+        except BlockingIOError:
+            lock.seek(0)
+            return lock.read().strip() or "another process"
+    return None
 
 
 def hold(folder) -> None:

@@ -181,8 +181,15 @@ def test_a_run_folder_is_held_by_one_run(tmp_path, capsys):
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     args = ["--preset", "toy", "--out-dir", str(folder), "--hidden", "32", "--iterations", "3", "--eval-steps", "1",
             "--eval-samples", "20", "--device", "cpu"]
-    status, lines = cli(capsys, "train_teacher", args)
-    assert status == 2 and len(lines) == 1 and f"{folder} is in use by another run" in lines[0], lines
+    for extra in ([], ["--resume"]):  # also --resume before that run's first checkpoint: in use, not "nothing"
+        status, lines = cli(capsys, "train_teacher", args + extra)
+        assert status == 2 and len(lines) == 1 and f"{folder} is in use by another run" in lines[0], (extra, lines)
+    dmd_dir_ = dmd_dir(dmd.DMDConfig.from_preset("toy", out_dir=str(tmp_path)))
+    dmd_dir_.mkdir()
+    with open(dmd_dir_ / ".lock", "a+") as dmd_run:  # a DMD run checks its folder before its teacher's work
+        fcntl.flock(dmd_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        status, lines = cli(capsys, "dmd", ["--preset", "toy", "--out-dir", str(tmp_path), "--resume"])
+        assert status == 2 and len(lines) == 1 and f"{dmd_dir_} is in use by another run" in lines[0], lines
     assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # nothing written, no log truncated
     other.close()  # that run ends (or is killed): the kernel lets go of its lock
     train_teacher.main(args)
@@ -302,6 +309,8 @@ def test_every_script_can_be_interrupted_while_torch_loads(script):
     (["tools/gpu_check.py", "--tiny", "--device", "cpu", "--out-dir", "{tmp}/run", "--docs", "{tmp}/a_file/d"],
      "--docs {tmp}/a_file/d: {tmp}/a_file is a file, not a folder; pass another --docs"),
     (["notebooks/refresh.py", "../README.md"], "no notebook README.md in"),
+    (["tools/gpu_check.py", "--device", "cpu", "--out-dir", "{tmp}/run"], "measures a CUDA GPU, and this run's "
+     "device is cpu; run it where a GPU is, or pass --tiny"),
 ])
 def test_the_tools_bad_inputs_are_one_line(argv, message, tmp_path):
     (tmp_path / "a_file").write_text("not a folder\n")

@@ -185,8 +185,9 @@ def speed_part(args, device, seconds: float, network: dict) -> list[dict]:
         rows.append({"update": name, "precision": "fp32 (bf16: CUDA only)" if on_cpu else label,
                      "batch": n, "parameters_m": round(millions, 1), **result,
                      "images_per_s": result["updates_per_s"] * n})
-        print(f"  {name:<26} {label:<15} batch {n:>3}: {result['updates_per_s']:.2f} updates/s, "
-              f"peak {result['peak_memory_gib']} GiB")
+        peak = "n/a on the CPU" if result["peak_memory_gib"] is None else f"{result['peak_memory_gib']} GiB"
+        print(f"  {name:<26} {rows[-1]['precision']:<15} batch {n:>3}: {result['updates_per_s']:.2f} updates/s, "
+              f"peak {peak}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -337,6 +338,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     require(args.minutes > 0, f"--minutes must be above 0, got {args.minutes:g}")
     device, budget, start = pick_device(args.device), args.minutes * 60, time.perf_counter()
+    require(device.type == "cuda" or args.tiny, f"the GPU check measures a CUDA GPU, and this run's device is "
+            f"{device.type}; run it where a GPU is, or pass --tiny to try it with tiny networks")
     check_writable(args.out_dir)
     check_writable(args.docs, "--docs")
     out, marker = Path(args.out_dir), Path(args.out_dir) / ".gpu_check"
