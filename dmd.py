@@ -76,14 +76,14 @@ from dmd2 import DMD2_RECIPE, GAN
 from plumbing.config import parse_config, sample_shape
 from plumbing.distributed import per_process
 from plumbing.errors import UserError, require
-from plumbing.folders import cache_dir, check_start, dmd_dir, hold
+from plumbing.folders import cache_dir, check_start, check_teacher_path, dmd_dir, hold
 from plumbing.image_metrics import load_lpips
 from plumbing.loop import Loop
 from plumbing.metrics import image_batch
 from plumbing.pretrained import is_pretrained
 from plumbing.reports import DMDMonitor, print_dmd_summary
-from plumbing.training import (EMA, autocast, cached, check_same_teacher, optimizer_step, pick_device, progress,
-                               run_cli, seed_everything)
+from plumbing.training import (EMA, autocast, cached, check_same_teacher, load_checkpoint, optimizer_step, pick_device,
+                               progress, run_cli, seed_everything)
 from train_teacher import TeacherConfig, load_teacher, require_null_label
 
 REG_LOSSES = ("mse", "pseudo-huber", "lpips")
@@ -419,6 +419,9 @@ def train_dmd(config: DMDConfig, resume: bool = False, variant: Variant | None =
     variant, device = variant or Variant(), pick_device(config.device)
     out = variant.out or dmd_dir(config)
     check_start(out, (out / "checkpoint.pt").exists(), resume, "--tag")  # like the rest, before any teacher work
+    if resume and not Path(config.teacher).exists():  # a teacher to be trained: is it the one the run was made from?
+        check_teacher_path(load_checkpoint(out / "checkpoint.pt", "DMD checkpoint")["config"].get("teacher"), config,
+                           out / "checkpoint.pt")
     check_null_label(config)
     if config.steps > 1 and config.fake_knows_step and not knows_step(config):
         print("note: a diffusers teacher's network has no input for the generator's step, so its fake score learns "

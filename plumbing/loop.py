@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 from plumbing import distributed
-from plumbing.errors import UserError, require
-from plumbing.folders import check_start, hold
+from plumbing.errors import UserError
+from plumbing.folders import check_start, check_teacher_path, hold
 from plumbing.training import (LogWriter, check_compatible, load_checkpoint, progress, read_json, rng_state,
                                save_checkpoint, seed_everything, set_rng_state, write_json)
 
@@ -250,11 +250,8 @@ class Ladder:
             self.logged = state["log"]
             return load(path), state.get("seconds", state.get("round_time_s", 0.0))  # (older files)
         if progress.exists():  # an interrupted stage goes on only from the teacher it started from
-            made, now = load_checkpoint(progress, f"{name} progress checkpoint")["config"].get("teacher"), \
-                self.config["teacher"]
-            require(made is None or Path(made).expanduser().resolve() == Path(now).expanduser().resolve(),
-                    f"{progress} was made from --teacher {made}, not "
-                    f"{self.config['teacher']}; pass that --teacher to continue it, or another --out-dir")
+            check_teacher_path(load_checkpoint(progress, f"{name} progress checkpoint")["config"].get("teacher"),
+                               self.config, progress)
         self.log.restore(self.logged)  # drop an interrupted stage's lines (its Loop restores its checkpoint's)
         model, seconds = train()
         self.logged = self.log.records()

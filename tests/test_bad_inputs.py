@@ -225,6 +225,21 @@ def test_a_finished_teacher_is_never_trained_on_by_a_method(tmp_path, tiny_teach
     assert "finished its 5 updates and is used as it is" in capsys.readouterr().out
 
 
+def test_a_resume_without_the_runs_teacher_trains_no_teacher(tmp_path, tiny_teacher, capsys):
+    # A DMD run made from --teacher mine.pt, resumed without the flag: one line naming the teacher, before a default
+    # teacher would be trained at <out_dir>/teacher.pt.
+    named = tmp_path / "mine.pt"
+    named.write_bytes((tiny_teacher / "teacher.pt").read_bytes())
+    args = ["--preset", "toy", "--device", "cpu", "--out-dir", str(tmp_path / "run"), "--hidden", "32",
+            "--dmd-iterations", "2", "--dmd-batch-size", "32", "--eval-every", "2", "--eval-samples", "20",
+            "--eval-steps", "1", "--reg-pairs", "16", "--reg-steps", "2"]
+    dmd.main([*args, "--teacher", str(named)])
+    capsys.readouterr()
+    status, lines = cli(capsys, "dmd", [*args, "--resume"])
+    assert status == 2 and len(lines) == 1 and f"was made from --teacher {named}" in lines[0], lines
+    assert not (tmp_path / "run" / "teacher.pt").exists()
+
+
 def test_resuming_with_a_smaller_budget_than_was_run_is_refused(tmp_path, tiny_teacher):
     config = dmd_config(tmp_path, tiny_teacher, dmd_iterations=4, eval_every=4)
     dmd.train_dmd(config)
