@@ -85,8 +85,7 @@ def check_teacher_path(made: str | None, config: dict, path) -> None:
     """Before any teacher work: a run is continued from the --teacher it was made from (`made`, its checkpoint's),
     so that a resume without the flag neither trains a new default teacher nor refuses only after that."""
     now = config["teacher"]
-    same = made is None or str(made).startswith("diffusers:") and made == now or \
-        not str(made).startswith("diffusers:") and Path(made).expanduser().resolve() == Path(now).expanduser().resolve()
+    same = made is None or made == now or Path(made).expanduser().resolve() == Path(now).expanduser().resolve()
     require(same, f"{path} was made from --teacher {made}, not {now}; pass that --teacher to continue it, or "
             "another --out-dir")
 
